@@ -57,8 +57,9 @@ def count_config(path: str, **kwargs) -> CountReport:
     )
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+def _human(n: float, giga: str = "G") -> str:
+    """Short form: 917.51G FLOPs, or 2.35B parameters with giga="B"."""
+    for unit, scale in (("T", 1e12), (giga, 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
@@ -67,15 +68,15 @@ def _human(n: float) -> str:
 def format_report(report: CountReport) -> str:
     lines = [
         f"{report.name} ({report.model_type})",
-        f"  total params   {report.total_params:>16,d}  ({_human(report.total_params)})",
-        f"  active params  {report.active_params:>16,d}  ({_human(report.active_params)})",
-        f"  forward FLOPs  {report.flops:>16,d}  ({_human(report.flops)})",
+        f"  {'total params':<22} {report.total_params:>18,d}  ({_human(report.total_params, 'B')})",
+        f"  {'active params':<22} {report.active_params:>18,d}  ({_human(report.active_params, 'B')})",
+        f"  {'forward FLOPs':<22} {report.flops:>18,d}  ({_human(report.flops)})",
     ]
     for key, value in report.details.items():
-        if isinstance(value, int):
-            lines.append(f"  {key:<14} {value:>16,d}  ({_human(value)})")
+        if isinstance(value, int) and value >= 10_000:
+            lines.append(f"  {key:<22} {value:>18,d}  ({_human(value, 'B' if 'param' in key else 'G')})")
         else:
-            lines.append(f"  {key:<14} {value}")
+            lines.append(f"  {key:<22} {value}")
     lines.append(f"  convention: {report.flops_convention}")
     return "\n".join(lines)
 
@@ -84,9 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pnet-count", description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="config .json files or saved model folders")
     parser.add_argument("--json", action="store_true", help="print one JSON object per config instead of text")
+    parser.add_argument("--seq-len", type=int, default=None, help="language models: tokens per forward (default 512)")
+    parser.add_argument("--image-size", type=int, default=None, help="vision models: input side (default: config's)")
     args = parser.parse_args(argv)
     for path in args.configs:
-        report = count_config(path)
+        model_type = load_config_dict(path).get("model_type")
+        if model_type == "parameternet":
+            options = {} if args.image_size is None else {"image_size": args.image_size}
+        else:
+            options = {} if args.seq_len is None else {"seq_len": args.seq_len}
+        report = count_config(path, **options)
         print(json.dumps(report.to_dict()) if args.json else format_report(report))
 
 

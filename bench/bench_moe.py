@@ -1,0 +1,274 @@
+"""Benchmark PNet-LLaMA's routed projections against dense LLaMA, measured in the same run (CPU, fp32).
+
+    python bench/bench_moe.py                # defaults below: fp32, --threads 2, medians of --repeats rounds
+    python bench/bench_moe.py --threads 1    # less sensitive to other processes on a shared machine
+
+Every comparison is interleaved (each round runs baseline and candidate in rotating order) and reported as the ratio
+of medians, so load from other processes hits both sides alike; absolute numbers still move with that load.
+
+Prints, each as a ratio against its baseline from this run:
+  1. routed projection (router + ExpertLinear, E experts) forward+backward throughput vs the dense projection of the
+     same active FLOPs (goal >= 0.90), and vs a naive per-expert loop (Mixtral-style mask + index_add);
+  2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims (goal >= 0.85),
+     forward+backward alone and with the AdamW step (which scales with parameters, not tokens);
+  3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.90);
+  4. peak resident memory of building each model and running two AdamW steps, each in a fresh process.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
+    """Median over `repeats` rounds of the mean wall time of `inner` calls of each function. Each round runs every
+    function once, in rotating order, so that load from other processes on a shared machine hits all alike."""
+    for fn in fns.values():  # warm-up
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(inner):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def model_configs(args) -> tuple[dict, dict]:
+    dense = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        max_position_embeddings=max(2048, args.seq_len + args.new_tokens + 16),
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    pnet = dict(dense, num_experts=args.experts, moe_projections=[args.projection])
+    return dense, pnet
+
+
+def build(kind: str, args) -> torch.nn.Module:
+    dense, pnet = model_configs(args)
+    torch.manual_seed(0)
+    if kind == "dense":
+        return LlamaForCausalLM(LlamaConfig(**dense))
+    return PNetLlamaForCausalLM(PNetLlamaConfig(**pnet))
+
+
+def bench_projection(args) -> dict:
+    """One routed projection (router + experts) vs the dense projection vs a naive per-expert loop."""
+    tokens, experts = args.batch * args.seq_len, args.experts
+    in_f, out_f = (4 * args.hidden, args.hidden) if args.projection == "down" else (args.hidden, 4 * args.hidden)
+    torch.manual_seed(0)
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    upstream = torch.randn(tokens, out_f)
+    dense = torch.nn.Linear(in_f, out_f, bias=False)
+    router = TopOneRouter(in_f, experts, jitter_noise=0.0, expert_output_scaling="router_prob")
+    expert_linear = ExpertLinear(in_f, out_f, experts, capacity_factor=None)
+    torch.nn.init.normal_(router.weight, std=0.02)
+    torch.nn.init.normal_(expert_linear.weight, std=0.02)
+
+    parameters = [x, dense.weight, router.weight, expert_linear.weight]
+
+    def clear_grads():  # as `zero_grad(set_to_none=True)` in training: no accumulation into old gradients
+        for param in parameters:
+            param.grad = None
+
+    def dense_step():
+        clear_grads()
+        y = dense(x)
+        y.backward(upstream)
+
+    def routed_step():
+        clear_grads()
+        route = router(x)
+        y = expert_linear(x, route.expert_index, route.expert_scale)
+        y.backward(upstream)
+
+    with torch.no_grad():
+        fixed_route = router(x)
+
+    def experts_only_step():  # without the router: what the sort + grouped matmul costs by itself
+        clear_grads()
+        y = expert_linear(x, fixed_route.expert_index, fixed_route.expert_scale)
+        y.backward(upstream)
+
+    def naive_step():
+        clear_grads()
+        route = router(x)
+        y = torch.zeros(tokens, out_f)
+        for e in range(experts):  # the loop the grouped path replaces
+            idx = (route.expert_index == e).nonzero().squeeze(-1)
+            if idx.numel():
+                part = F.linear(x[idx], expert_linear.weight[e]) * route.expert_scale[idx, None]
+                y = y.index_add(0, idx, part)
+        y.backward(upstream)
+
+    result = interleaved_median_seconds(
+        {"dense": dense_step, "routed": routed_step, "experts_only": experts_only_step, "naive_loop": naive_step},
+        args.repeats,
+        inner=3,
+    )
+    counts = torch.bincount(router(x).expert_index, minlength=experts).tolist()
+    result["tokens_per_expert"] = counts
+    result["shape"] = f"{args.projection}: {tokens} tokens x ({in_f} -> {out_f}), E={experts}"
+    return result
+
+
+def bench_training(args, models: dict) -> dict:
+    """Tokens/s of forward+backward, and of a full step with AdamW (whose cost grows with the parameter count, not
+    the token count: it amortises over larger batches)."""
+    torch.manual_seed(1)
+    batch = torch.randint(3, args.vocab, (args.batch, args.seq_len))
+    optimizers = {kind: torch.optim.AdamW(model.parameters(), lr=1e-4) for kind, model in models.items()}
+
+    def forward_backward(kind: str) -> Callable[[], None]:
+        def run():
+            models[kind].train()
+            models[kind].zero_grad(set_to_none=True)
+            models[kind](batch, labels=batch).loss.backward()
+
+        return run
+
+    def full_step(kind: str) -> Callable[[], None]:
+        def run():
+            forward_backward(kind)()
+            optimizers[kind].step()
+
+        return run
+
+    fb = interleaved_median_seconds({kind: forward_backward(kind) for kind in models}, args.repeats)
+    step = interleaved_median_seconds({kind: full_step(kind) for kind in models}, args.repeats)
+    tokens = args.batch * args.seq_len
+    return {"fwd_bwd": {k: tokens / v for k, v in fb.items()}, "step": {k: tokens / v for k, v in step.items()}}
+
+
+def bench_generation(args, models: dict) -> dict:
+    torch.manual_seed(2)
+    prompt = torch.randint(3, args.vocab, (1, 16))
+
+    def generate(kind: str) -> Callable[[], None]:
+        def run():
+            models[kind].eval()
+            with torch.inference_mode():
+                # eos disabled so that both models generate exactly `new_tokens` tokens
+                models[kind].generate(
+                    prompt,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+
+        return run
+
+    seconds = interleaved_median_seconds({kind: generate(kind) for kind in models}, args.repeats)
+    return {kind: args.new_tokens / value for kind, value in seconds.items()}
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(kind: str, args) -> None:
+    """Runs in a fresh process: builds the model and runs two AdamW training steps; prints the peak resident memory
+    above the post-import baseline (Linux: the peak VmHWM is reset through /proc/self/clear_refs after imports)."""
+    torch.set_num_threads(args.threads)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    baseline = _rss_mib("VmRSS")
+    model = build(kind, args).train()
+    batch = torch.randint(3, args.vocab, (args.batch, args.seq_len))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"kind": kind, "params": params, "peak_mib": _rss_mib("VmHWM") - baseline}))
+
+
+def bench_memory(args) -> dict:
+    result = {}
+    for kind in ("dense", "pnet"):
+        command = [sys.executable, __file__, "--memory-child", kind] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "memory_child"
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        result[kind] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--projection", choices=["gate", "up", "down"], default="down")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--memory-child", choices=["dense", "pnet"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, medians of {args.repeats} runs")
+    print(f"config: {json.dumps({k: v for k, v in vars(args).items() if k != 'memory_child'})}")
+
+    proj = bench_projection(args)
+    print(f"\n[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
+    for name in ("dense", "routed", "experts_only", "naive_loop"):
+        print(f"    {name:<11} {proj[name] * 1e3:8.2f} ms")
+    print(f"    routed / dense throughput      {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
+    print(f"    experts-only / dense           {proj['dense'] / proj['experts_only']:.3f}")
+    print(f"    routed / naive-loop throughput {proj['naive_loop'] / proj['routed']:.3f}")
+
+    models = {"dense": build("dense", args), "pnet": build("pnet", args)}
+    train = bench_training(args, models)
+    print(f"\n[2] training tokens/s, batch {args.batch} x {args.seq_len}")
+    for key, label in (("fwd_bwd", "forward+backward"), ("step", "step incl. AdamW")):
+        dense, pnet = train[key]["dense"], train[key]["pnet"]
+        print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}   (goal >= 0.85)")
+
+    gen = bench_generation(args, models)
+    print(f"\n[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens")
+    print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
+          "   (goal >= 0.90)")
+
+    mem = bench_memory(args)
+    print("\n[4] peak resident memory of build + 2 AdamW steps above the import baseline (fresh process each)")
+    for kind in ("dense", "pnet"):
+        print(f"    {kind:<6} params {mem[kind]['params']:>11,d}   peak {mem[kind]['peak_mib']:8.1f} MiB")
+    print(f"    pnet / dense peak {mem['pnet']['peak_mib'] / mem['dense']['peak_mib']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

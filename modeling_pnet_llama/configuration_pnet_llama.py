@@ -1,0 +1,131 @@
+"""PNet-LLaMA configuration: a LLaMA whose FFN projections may be top-1 routed over `num_experts` experts.
+
+ParameterNet (Han et al., arXiv 2306.14525, Table 7) adds parameters to LLaMA-1B while keeping its FLOPs: one of
+the FFN projections (gate, up or down) becomes a set of experts and a Switch-style top-1 router picks one expert per
+token, so the active compute equals the dense projection's.
+"""
+
+import functools
+import math
+
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+
+MOE_PROJECTION_NAMES = ("gate", "up", "down")
+EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
+
+
+@strict
+class PNetLlamaConfig(LlamaConfig):
+    r"""
+    Configuration of [`PNetLlamaModel`]. All [`LlamaConfig`] fields keep their meaning; the extra fields are:
+
+    Args:
+        num_experts (`int`, defaults to 8):
+            Experts per routed projection (>= 1). With 1 expert the model computes exactly a LLaMA.
+        moe_projections (`list[str]`, defaults to `["down"]`):
+            Non-empty subset of `["gate", "up", "down"]`: the FFN projections that are routed. Stored in the
+            canonical order gate, up, down (the order of `router_logits` within a layer).
+        shared_router (`bool`, defaults to `False`):
+            False: each routed projection has its own router fed with that projection's input (official code; the
+            down-projection router sees the intermediate activation). True: one router per layer on the FFN input
+            sends a token to the same expert index in every routed projection.
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the Switch load-balancing loss added to the LM loss (>= 0).
+        router_z_loss_coef (`float`, defaults to 0.0):
+            Weight of the ST-MoE router z-loss (>= 0; ST-MoE uses 1e-3).
+        router_jitter_noise (`float`, defaults to 0.0):
+            In training, the router input is multiplied by U(1 - eps, 1 + eps); must lie in [0, 1).
+        expert_capacity_factor (`float`, *optional*):
+            None = dropless. A float > 0 gives every expert a capacity of ceil(tokens / num_experts * factor)
+            tokens per forward; overflow tokens get zero from that projection (Switch).
+        expert_output_scaling (`str`, defaults to `"router_prob"`):
+            How the chosen expert's output is scaled. `"router_prob"`: by the top-1 router probability p (Switch,
+            official ParameterNet). `"straight_through"`: by p / stop_gradient(p), whose value is exactly 1 but whose
+            gradient is the router-probability gradient divided by p; used by sparse upcycling so that the upcycled
+            model computes the dense model's function at step 0 (see `PNetLlamaForCausalLM.from_llama`).
+        output_router_logits (`bool`, defaults to `False`):
+            Whether the model returns the router logits (the aux/z losses are computed whenever labels are given).
+
+    Invalid values raise `ValueError` naming the field, the value and what is allowed.
+    """
+
+    model_type = "pnet_llama"
+    # Tensor parallelism for attention only: routed projections hold 3-D expert weights that LLaMA's plan would split
+    # along the wrong dimension.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+
+    num_experts: int = 8
+    moe_projections: list[str] | tuple[str, ...] = ("down",)
+    shared_router: bool = False
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.0
+    router_jitter_noise: float | int = 0.0
+    expert_capacity_factor: float | int | None = None
+    expert_output_scaling: str = "router_prob"
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        projections = self.moe_projections
+        if isinstance(projections, str) or not isinstance(projections, (list, tuple)):
+            raise ValueError(
+                f"moe_projections must be a non-empty list drawn from {list(MOE_PROJECTION_NAMES)}, "
+                f"got {projections!r}"
+            )
+        unknown = [name for name in projections if name not in MOE_PROJECTION_NAMES]
+        if not projections or unknown or len(set(projections)) != len(projections):
+            raise ValueError(
+                f"moe_projections must be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}, "
+                f"got {list(projections)!r}"
+            )
+        self.moe_projections = [name for name in MOE_PROJECTION_NAMES if name in projections]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: LLaMA's checks, then the routing fields."""
+        super().validate_architecture()
+        if isinstance(self.num_experts, bool) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.router_jitter_noise < 1:
+            raise ValueError(f"router_jitter_noise must lie in [0, 1), got {self.router_jitter_noise!r}")
+        capacity = self.expert_capacity_factor
+        if capacity is not None and (not math.isfinite(capacity) or capacity <= 0):
+            raise ValueError(f"expert_capacity_factor must be None (dropless) or a number > 0, got {capacity!r}")
+        if self.expert_output_scaling not in EXPERT_OUTPUT_SCALINGS:
+            raise ValueError(
+                f"expert_output_scaling must be one of {list(EXPERT_OUTPUT_SCALINGS)}, "
+                f"got {self.expert_output_scaling!r}"
+            )
+        if self.mlp_bias:
+            raise ValueError("mlp_bias must be False for pnet_llama: experts have no bias (the paper's counts)")
+
+
+def _strict_errors_as_value_errors(init):
+    """`@strict` wraps type and validator failures in `StrictDataclassError`, which is not a `ValueError`; re-raise
+    them as `ValueError` (with the same message naming the field and value) so bad configs fail in one way."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(f"invalid {type(self).__name__}: {error}") from error
+
+    return __init__
+
+
+PNetLlamaConfig.__init__ = _strict_errors_as_value_errors(PNetLlamaConfig.__init__)
+PNetLlamaConfig.register_for_auto_class()
+
+__all__ = ["PNetLlamaConfig", "MOE_PROJECTION_NAMES", "EXPERT_OUTPUT_SCALINGS"]
