@@ -1,0 +1,387 @@
+"""`pnet-card`: write a Hugging Face Hub model card (`README.md`) into a saved model folder.
+
+    pnet-card runs/pnet-1b-up-e8/final [--train-config configs/pretrain/<name>.yaml] [--license apache-2.0]
+
+The card is built with `huggingface_hub.ModelCard` / `ModelCardData`: YAML metadata (license,
+`library_name: transformers`, tags, datasets, `pipeline_tag`, `model-index` with every evaluation result) and a
+body with the architecture and routing settings, total/active parameters and FLOPs (`pnet.counting`), the
+training recipe and data mix (the pretraining YAML: `--train-config`, or `pretrain_config.yaml` found in the
+folder or its run folder), the evaluation table and a usage snippet. The card is chosen by `model_type`:
+"pnet_llama"/"llama" get a text-generation card, "parameternet" an image-classification card (accuracy from the
+vision run's `results.json`). The folder is then ready for `push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from pnet_eval.report import ModelResults, load_model_results
+
+TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")
+VISION_RESULTS_FILE = "results.json"
+PAPER = "https://arxiv.org/abs/2306.14525"
+CITATION = """@inproceedings{han2024parameternet,
+  title     = {ParameterNet: Parameters Are All You Need for Large-scale Visual Pretraining of Mobile Networks},
+  author    = {Han, Kai and Wang, Yunhe and Guo, Jianyuan and Wu, Enhua},
+  booktitle = {CVPR},
+  year      = {2024},
+  note      = {arXiv:2306.14525}
+}"""
+# Hub dataset ids, configs and the split lm-eval scores, per zero-shot task (as in lm-eval's upstream YAMLs).
+ZERO_SHOT_DATASETS = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "ARC-Easy", "test"),
+    "boolq": ("aps/super_glue", "BoolQ", "boolq", "validation"),
+    "hellaswag": ("Rowan/hellaswag", "HellaSwag", None, "validation"),
+    "sst2": ("nyu-mll/glue", "SST-2", "sst2", "validation"),
+}
+TEXT_MODEL_TYPES = ("pnet_llama", "llama")
+VISION_MODEL_TYPES = ("parameternet",)
+
+
+def find_train_config(model_dir: Path, explicit: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The pretraining config (YAML/JSON) named on the command line or saved in the folder / its run folder."""
+    candidates = (
+        [Path(explicit)] if explicit else [d / n for d in (model_dir, model_dir.parent) for n in TRAIN_CONFIG_FILES]
+    )
+    for path in candidates:
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                return yaml.safe_load(f), str(path)
+    if explicit:
+        raise FileNotFoundError(f"--train-config {explicit!r} does not exist")
+    return None, None
+
+
+def _fmt(n: int | float | None, units=(("B", 1e9), ("M", 1e6), ("K", 1e3))) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in units:
+        if abs(n) >= scale:
+            return f"{n:,} ({n / scale:.2f}{unit})"
+    return f"{n:,}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_eval_results(results: ModelResults) -> list[EvalResult]:
+    """model-index entries: each zero-shot metric and the fine-tuned SST-2 accuracy (labelled when offline)."""
+    entries = []
+    zero_shot = results.zero_shot or {}
+    source = zero_shot.get("data_source", "hub")
+    for task, entry in zero_shot.get("tasks", {}).items():
+        dataset_id, pretty, config, split = ZERO_SHOT_DATASETS[task]
+        for metric in ("acc", "acc_norm"):
+            if entry.get(metric) is None:
+                continue
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=f"{pretty} (zero-shot, lm-eval {entry.get('lm_eval_task', task)})",
+                    dataset_type=dataset_id,
+                    dataset_name=pretty,
+                    dataset_config=config,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_name=f"{metric} (0-shot, {entry.get('docs')} docs, data {source})",
+                    metric_value=round(100 * entry[metric], 2),
+                )
+            )
+    if results.sst2:
+        dataset_id, pretty, config, split = ZERO_SHOT_DATASETS["sst2"]
+        entries.append(
+            EvalResult(
+                task_type="text-classification",
+                task_name=f"{results.sst2['label']} (fine-tuned classifier)",
+                dataset_type=dataset_id,
+                dataset_name=results.sst2["label"],
+                dataset_config=config,
+                dataset_split=split,
+                metric_type="accuracy",
+                metric_name=f"accuracy ({results.sst2['eval_examples']} sentences)",
+                metric_value=round(100 * results.sst2["accuracy"], 2),
+            )
+        )
+    return entries
+
+
+def text_card_body(results: ModelResults, train_config: dict | None, train_config_path: str | None) -> str:
+    config, counts = results.config, results.counts
+    routed = config.get("model_type") == "pnet_llama"
+    parts = [f"# {results.name}\n"]
+    if routed:
+        parts.append(
+            f"A **PNet-LLaMA** language model: ParameterNet ([Han et al.]({PAPER}), Table 7) applied to LLaMA. The "
+            f"{', '.join(config['moe_projections'])} projection(s) of every FFN hold {config['num_experts']} "
+            "experts and a "
+            "Switch-style top-1 router picks one per token, so the model has more parameters than the dense LLaMA "
+            "of the same shape at (almost) the same FLOPs. Custom code: load with `trust_remote_code=True`.\n"
+        )
+    else:
+        parts.append(f"A dense **LLaMA** baseline for ParameterNet ([Han et al.]({PAPER}), Table 7).\n")
+    arch = [
+        ["hidden size", config.get("hidden_size")],
+        ["intermediate size", config.get("intermediate_size")],
+        ["layers", config.get("num_hidden_layers")],
+        ["attention heads (key/value)", f"{config.get('num_attention_heads')} ({config.get('num_key_value_heads')})"],
+        ["vocabulary", config.get("vocab_size")],
+        ["max positions", config.get("max_position_embeddings")],
+    ]
+    if routed:
+        arch += [
+            [key, json.dumps(config.get(key))]
+            for key in (
+                "num_experts",
+                "moe_projections",
+                "shared_router",
+                "router_aux_loss_coef",
+                "router_z_loss_coef",
+                "router_jitter_noise",
+                "expert_capacity_factor",
+                "expert_output_scaling",
+            )
+            if key in config
+        ]
+    parts.append("## Architecture\n\n" + _table(["setting", "value"], arch) + "\n")
+    if counts:
+        size = [
+            ["total parameters", _fmt(counts.total_params)],
+            ["active parameters per token", _fmt(counts.active_params)],
+            ["forward FLOPs", _fmt(counts.flops, units=(("T", 1e12), ("G", 1e9), ("M", 1e6)))],
+        ]
+        flop_units = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+        size += [
+            [k, (_fmt(v, flop_units) if "flops" in k else _fmt(v)) if isinstance(v, int) else v]
+            for k, v in counts.details.items()
+        ]
+        parts.append(
+            "## Size\n\n" + _table(["", "value"], size) + f"\n\nFLOPs convention: {counts.flops_convention}.\n"
+        )
+    training = []
+    if train_config:
+        recipe_keys = (
+            "max_steps",
+            "global_batch_tokens",
+            "micro_batch_size",
+            "lr",
+            "min_lr_ratio",
+            "warmup_steps",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "max_grad_norm",
+            "precision",
+            "seed",
+        )
+        recipe = [[k, train_config[k]] for k in recipe_keys if k in train_config]
+        data = train_config.get("data", {})
+        if "seq_len" in data:
+            recipe.append(["sequence length", data["seq_len"]])
+        training.append(
+            f"Recipe (from `{train_config_path}`): AdamW, linear warmup, cosine decay.\n\n"
+            + _table(["hyper-parameter", "value"], recipe)
+        )
+        sources = data.get("sources", {})
+        if sources:
+            mix = [
+                [name, s.get("weight"), s.get("path"), json.dumps(s.get("data_files") or s.get("name"))]
+                for name, s in sources.items()
+            ]
+            training.append("Data mix:\n\n" + _table(["source", "weight", "dataset", "files / config"], mix))
+    if results.training_loss is not None:
+        training.append(
+            f"Final training LM loss: **{results.training_loss:.3f}** "
+            f"(mean of the last logged steps of `{results.training_loss_source}`)."
+        )
+    if training:
+        parts.append("## Training\n\n" + "\n\n".join(training) + "\n")
+    parts.append(text_eval_section(results))
+    parts.append(
+        "## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'repo = "{results.name}"  # or the local folder\n'
+        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n"
+        "model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)\n"
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n```\n\n"
+        "Zero-shot evaluation: `pnet-eval MODEL_DIR` (lm-eval, `trust_remote_code=True`); SST-2: "
+        "`python scripts/finetune_sst2.py MODEL_DIR`.\n"
+    )
+    parts.append("## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
+    return "\n".join(parts)
+
+
+def _pct(entry: dict[str, Any], metric: str) -> str:
+    """'49.58 ± 1.03' (percent, with lm-eval's stderr) or '-' when the task has no such metric."""
+    if entry.get(metric) is None:
+        return "-"
+    return f"{100 * entry[metric]:.2f} ± {100 * (entry.get(f'{metric}_stderr') or 0):.2f}"
+
+
+def text_eval_section(results: ModelResults) -> str:
+    zero_shot = results.zero_shot or {}
+    rows = []
+    for task, entry in zero_shot.get("tasks", {}).items():
+        rows.append(
+            [ZERO_SHOT_DATASETS[task][1], "0-shot", entry.get("docs"), _pct(entry, "acc"), _pct(entry, "acc_norm")]
+        )
+    if results.sst2:
+        rows.append(
+            [
+                results.sst2["label"],
+                "fine-tuned",
+                results.sst2["eval_examples"],
+                f"{100 * results.sst2['accuracy']:.2f}",
+                "-",
+            ]
+        )
+    if not rows:
+        return "## Evaluation\n\nNo results yet: run `pnet-eval` and `scripts/finetune_sst2.py` on this folder.\n"
+    notes = []
+    if zero_shot:
+        notes.append(
+            f"Zero-shot: lm-eval {zero_shot.get('lm_eval_version')}, data {zero_shot.get('data_source')}, "
+            f"dtype {zero_shot.get('dtype')}"
+            + (f", **limit {zero_shot['limit']} docs per task**" if zero_shot.get("limit") else "")
+            + "."
+        )
+    return (
+        "## Evaluation\n\n"
+        + _table(["task", "setting", "docs", "acc (%)", "acc_norm (%)"], rows)
+        + "\n\n"
+        + " ".join(notes)
+        + "\n"
+    )
+
+
+def vision_card(results: ModelResults, vision_results: dict | None, license: str) -> ModelCard:
+    config, counts = results.config, results.counts
+    eval_results = None
+    accuracy = (vision_results or {}).get("test_accuracy")
+    dataset = (vision_results or {}).get("dataset")
+    if accuracy is not None and dataset:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type="accuracy",
+                metric_value=round(100 * accuracy, 2),
+            )
+        ]
+    data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        model_name=results.name,
+        tags=["parameternet", "ghostnet", "dynamic-convolution", "image-classification", "custom_code"],
+        datasets=[dataset] if dataset else None,
+        eval_results=eval_results,
+    )
+    arch = [
+        [k, json.dumps(config.get(k))]
+        for k in (
+            "image_size",
+            "num_channels",
+            "width_multiplier",
+            "num_experts",
+            "routing_activation",
+            "hidden_act",
+            "num_labels",
+        )
+        if k in config
+    ]
+    body = [
+        f"# {results.name}\n",
+        f"A **ParameterNet** image classifier ([Han et al.]({PAPER})): GhostNet whose convolutions are dynamic "
+        f"(mixtures of {config.get('num_experts')} expert kernels weighted per image), adding parameters at almost "
+        "no extra FLOPs. Custom code: load with `trust_remote_code=True`.\n",
+        "## Architecture\n\n" + _table(["setting", "value"], arch) + "\n",
+    ]
+    if counts:
+        body.append(
+            "## Size\n\n"
+            + _table(
+                ["", "value"],
+                [
+                    ["parameters", _fmt(counts.total_params)],
+                    ["FLOPs", _fmt(counts.flops, units=(("G", 1e9), ("M", 1e6)))],
+                ],
+            )
+            + f"\n\nFLOPs convention: {counts.flops_convention}.\n"
+        )
+    if vision_results:
+        shown = {k: v for k, v in vision_results.items() if isinstance(v, (int, float, str))}
+        body.append("## Evaluation\n\n" + _table(["metric", "value"], [[k, v] for k, v in shown.items()]) + "\n")
+    body.append(
+        "## Usage\n\n```python\nfrom transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
+        f'repo = "{results.name}"  # or the local folder\n'
+        "processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)\n"
+        "model = AutoModelForImageClassification.from_pretrained(repo, trust_remote_code=True)\n"
+        'logits = model(**processor(images=image, return_tensors="pt")).logits\n```\n'
+    )
+    body.append("## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None) -> ModelCard:
+    """The model card for a saved folder, dispatched on its `model_type`."""
+    model_dir = Path(model_dir).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist or has no config.json")
+    results = load_model_results(model_dir)
+    model_type = results.config.get("model_type")
+    if model_type in VISION_MODEL_TYPES:
+        vision_results = None
+        for folder in (model_dir, model_dir.parent):
+            if (folder / VISION_RESULTS_FILE).is_file():
+                vision_results = json.loads((folder / VISION_RESULTS_FILE).read_text())
+                break
+        return vision_card(results, vision_results, license)
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} has no card; allowed: {list(TEXT_MODEL_TYPES + VISION_MODEL_TYPES)}"
+        )
+    config_dict, config_path = find_train_config(model_dir, train_config)
+    sources = ((config_dict or {}).get("data") or {}).get("sources") or {}
+    hub_datasets = [
+        s["path"] for s in sources.values() if s.get("path") and s["path"] not in ("json", "text", "parquet", "csv")
+    ]
+    data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        model_name=results.name,
+        tags=["parameternet", "pnet", "llama", "custom_code"]
+        + (["mixture-of-experts"] if model_type == "pnet_llama" else []),
+        datasets=hub_datasets or None,
+        eval_results=text_eval_results(results) or None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pnet-card", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="saved model folder; the card is written to MODEL_DIR/README.md")
+    parser.add_argument("--license", default="apache-2.0", help="SPDX-style Hub licence id (default: %(default)s)")
+    parser.add_argument("--train-config", default=None, help="the pretraining YAML the model was trained with")
+    args = parser.parse_args(argv)
+    try:
+        card = build_card(args.model_dir, license=args.license, train_config=args.train_config)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"pnet-card: error: {error}\n")
+    path = Path(args.model_dir) / "README.md"
+    card.save(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

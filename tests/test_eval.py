@@ -1,0 +1,363 @@
+"""pnet_eval: offline zero-shot evaluation, upstream-identical prompts, the Table 7 report, model cards, SST-2."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer
+
+from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+from pnet_eval import model_card, report, zero_shot
+from pnet_eval.tasks.local_data import BUNDLED_DATA_DIR, resolve_data_files
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+FIXTURE_FILES = {  # file -> rows copied into the fixture data dir
+    "arc_easy/validation.jsonl": 4,
+    "arc_easy/test.jsonl": 8,
+    "boolq/validation.jsonl": 8,
+    "hellaswag/validation.jsonl": 8,
+    "sst2/validation.jsonl": 64,
+}
+# lm-eval's own task YAMLs (0.4.13) that the *_local tasks mirror.
+UPSTREAM_YAMLS = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "sst2": "glue/sst2/default.yaml",
+}
+# Keys allowed to differ between an upstream YAML and its local mirror: where the data comes from.
+DATASET_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset", "training_split"}
+
+
+def _bundled_rows(rel: str, n: int | None = None) -> list[dict]:
+    with gzip.open(BUNDLED_DATA_DIR / f"{rel}.gz", "rt", encoding="utf-8") as f:
+        lines = f.readlines() if n is None else [next(f) for _ in range(n)]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def fixture_data_dir(tmp_path_factory) -> Path:
+    """The first rows of each bundled file, as plain .jsonl (the other accepted format)."""
+    root = tmp_path_factory.mktemp("eval_data")
+    for rel, n in FIXTURE_FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in _bundled_rows(rel, n)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_pnet_dir(tmp_path_factory) -> Path:
+    """A saved tiny PNet-LLaMA (up_proj routed over 4 experts) with the LLaMA tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-pnet"
+    torch.manual_seed(0)
+    config = PNetLlamaConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        num_experts=4,
+        moe_projections=["up"],
+    )
+    PNetLlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- bundled data
+
+
+def test_bundled_data_matches_manifest():
+    """Row counts and sha256 of the uncompressed bundled files equal the data pack's manifest."""
+    manifest = json.loads((BUNDLED_DATA_DIR / "manifest.json").read_text())
+    assert set(manifest) == set(FIXTURE_FILES)
+    for rel, expected in manifest.items():
+        raw = gzip.decompress((BUNDLED_DATA_DIR / f"{rel}.gz").read_bytes())
+        assert raw.count(b"\n") == expected["rows"], rel
+        assert hashlib.sha256(raw).hexdigest() == expected["sha256"], rel
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("task", sorted(UPSTREAM_YAMLS))
+def test_local_tasks_mirror_upstream(task, fixture_data_dir):
+    """Same config apart from the dataset lines, and the same (context, continuation) requests and targets
+    as lm-eval's own task run on the same documents (the upstream task gets the local docs as its dataset)."""
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    upstream_yaml = Path(lm_eval.__file__).parent / "tasks" / UPSTREAM_YAMLS[task]
+    upstream_cfg = load_yaml(upstream_yaml, resolve_func=False)
+    local_cfg = load_yaml(zero_shot.TASKS_DIR / f"{zero_shot.TASKS[task].local_task}.yaml", resolve_func=False)
+    differing = {k for k in set(upstream_cfg) | set(local_cfg) if upstream_cfg.get(k) != local_cfg.get(k)}
+    # process_docs differs only by module path (hellaswag: the local module re-exports upstream's function).
+    assert differing - DATASET_KEYS <= {"process_docs"}, differing
+    if "process_docs" in differing:
+        from lm_eval.tasks.hellaswag.utils import process_docs
+
+        from pnet_eval.tasks.local_data import hellaswag_process_docs
+
+        assert hellaswag_process_docs is process_docs
+
+    local = TaskManager(
+        include_path=str(zero_shot.TASKS_DIR), include_defaults=False, metadata={"pnet_data_dir": str(fixture_data_dir)}
+    )
+    local_task = local.load([zero_shot.TASKS[task].local_task])["tasks"][zero_shot.TASKS[task].local_task]
+    local_dataset = datasets.DatasetDict({split: local_task.dataset[split] for split in local_task.dataset})
+    upstream_run_cfg = load_yaml(upstream_yaml, resolve_func=True)
+    upstream_run_cfg.pop("tag", None)
+    upstream_run_cfg["custom_dataset"] = lambda **_: datasets.DatasetDict(
+        {**local_dataset, "train": local_dataset["validation"]}
+    )
+    upstream_task = ConfigurableTask(config=upstream_run_cfg)
+
+    for t in (local_task, upstream_task):
+        t.build_all_requests(limit=4, rank=0, world_size=1)
+    local_requests = [i.arguments for i in local_task.instances]
+    assert local_requests == [i.arguments for i in upstream_task.instances]
+    assert len(local_requests) >= 8  # 4 docs x >= 2 choices
+    docs = list(local_task.eval_docs)[:4]
+    assert [local_task.doc_to_target(d) for d in docs] == [
+        upstream_task.doc_to_target(d) for d in list(upstream_task.eval_docs)[:4]
+    ]
+    if task == "boolq":  # the exact upstream prompt, spelled out
+        first = _bundled_rows("boolq/validation.jsonl", 1)[0]
+        assert local_requests[0] == (f"{first['passage']}\nQuestion: {first['question']}?\nAnswer:", " no")
+
+
+# --------------------------------------------------------------------------------------------- zero-shot
+
+
+def test_zero_shot_tiny_pnet_offline(tiny_pnet_dir, fixture_data_dir, tmp_path):
+    summaries = zero_shot.evaluate(
+        str(tiny_pnet_dir), data_dir=fixture_data_dir, limit=8, batch_size=4, device="cpu", output_dir=tmp_path
+    )
+    out = tmp_path / tiny_pnet_dir.name
+    written = json.loads((out / zero_shot.RESULTS_FILE).read_text())
+    lm_eval_json = json.loads((out / zero_shot.LM_EVAL_RESULTS_FILE).read_text())
+    assert written == summaries[0]
+    assert written["data_source"] == f"local:{fixture_data_dir.resolve()}" and written["num_fewshot"] == 0
+    assert set(written["tasks"]) == {"arc_easy", "boolq", "hellaswag"}
+    for task, entry in written["tasks"].items():
+        assert entry["docs"] == 8
+        metrics = zero_shot.TASKS[task].metrics
+        for metric in metrics:
+            assert 0.0 <= entry[metric] <= 1.0 and (entry[metric] * 8).is_integer()
+            assert entry[f"{metric}_stderr"] is not None
+            assert entry[metric] == lm_eval_json["results"][entry["lm_eval_task"]][f"{metric},none"]
+        assert ("acc_norm" in entry) == ("acc_norm" in metrics)
+
+
+def test_zero_shot_errors(tiny_pnet_dir, fixture_data_dir, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zero_shot.evaluate(str(tmp_path / "missing-model"), data_dir=fixture_data_dir)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['arc_challenge'\]; allowed: \['arc_easy', 'boolq'"):
+        zero_shot.evaluate(str(tiny_pnet_dir), tasks="arc_easy,arc_challenge", data_dir=fixture_data_dir)
+    partial = tmp_path / "partial"
+    shutil.copytree(fixture_data_dir / "boolq", partial / "boolq")
+    with pytest.raises(FileNotFoundError) as error:
+        zero_shot.evaluate(str(tiny_pnet_dir), tasks=["boolq", "hellaswag"], data_dir=partial)
+    assert "hellaswag/validation.jsonl.gz" in str(error.value) and "boolq/validation.jsonl" in str(error.value)
+    assert "boolq:" not in str(error.value)  # boolq's file is there
+    with pytest.raises(SystemExit) as exit_info:
+        zero_shot.main([str(tmp_path / "missing-model")])
+    assert exit_info.value.code == 2 and "pnet-eval: error: model folder" in capsys.readouterr().err
+
+
+def test_bundled_files_resolve_for_every_task():
+    """What plain `lm-eval run --include_path eval/tasks` reads by default: the bundled files, absolute paths."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for task in zero_shot.TASKS.values():
+        files = load_yaml(zero_shot.TASKS_DIR / f"{task.local_task}.yaml", resolve_func=False)["dataset_kwargs"][
+            "data_files"
+        ]
+        for path in resolve_data_files(files).values():
+            assert Path(path).is_absolute() and Path(path).is_file()
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _write_model(folder: Path, config_file: str, scores: dict, sst2: float, losses: list[float]) -> Path:
+    """A pretraining run folder: log.jsonl, final/config.json, zero-shot and SST-2 results (paper's numbers)."""
+    model_dir = folder / "final"
+    model_dir.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "configs" / "models" / config_file, model_dir / "config.json")
+    rows = [{"step": 10 * (i + 1), "loss": loss + 0.01, "lm_loss": loss} for i, loss in enumerate(losses)]
+    rows.insert(1, {"step": 10, "val_loss": {"web": 9.0}})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = {t: {"lm_eval_task": t, "docs": 100, "acc": a, "acc_stderr": 0.01} for t, a in scores.items()}
+    (model_dir / zero_shot.RESULTS_FILE).write_text(
+        json.dumps({"model": "final", "model_dir": str(model_dir), "data_source": "hub", "limit": None, "tasks": tasks})
+    )
+    (model_dir / report.SST2_RESULTS_FILE).write_text(
+        json.dumps({"label": "SST-2 (validation)", "accuracy": sst2, "eval_examples": 872})
+    )
+    return model_dir
+
+
+@pytest.fixture
+def two_models(tmp_path) -> tuple[Path, Path]:
+    dense = _write_model(
+        tmp_path / "llama-1b",
+        "llama-1b.json",
+        {"arc_easy": 0.4799, "boolq": 0.5731, "hellaswag": 0.3892},
+        0.8853,
+        [2.5] * 5 + [1.86] * 10,
+    )
+    routed = _write_model(
+        tmp_path / "pnet-1b-up-e8",
+        "pnet-1b-up-e8.json",
+        {"arc_easy": 0.4958, "boolq": 0.5839, "hellaswag": 0.4421},
+        0.9005,
+        [1.61] * 10,
+    )
+    return dense, routed
+
+
+def test_report_table7(two_models, tmp_path, capsys):
+    dense, routed = two_models
+    report.main([str(dense), str(routed / zero_shot.RESULTS_FILE), "--out", str(tmp_path / "table7.md")])
+    markdown = (tmp_path / "table7.md").read_text()
+    table = json.loads((tmp_path / "table7.json").read_text())
+    assert "| Model | #Expert | Params | FLOPs | Training loss | ARC-e | BoolQ | SST-2 | HellaSwag | Avg |" in markdown
+    assert "| llama-1b | - | 936.43M | 917.51G | 1.86 | 47.99 | 57.31 | 88.53 | 38.92 | 58.19 |" in markdown
+    assert "| pnet-1b-up-e8 | 8 (up) | 2.35B | 917.51G | 1.61 | 49.58 | 58.39 | 90.05 | 44.21 | 60.56 |" in markdown
+    dense_row, routed_row = table["rows"]
+    assert (dense_row["total_params"], routed_row["total_params"]) == (936_429_568, 2_345_912_320)
+    assert dense_row["flops"] == routed_row["flops"] == 917_512_388_608
+    assert routed_row["avg"] == pytest.approx((49.58 + 58.39 + 90.05 + 44.21) / 4)
+    assert dense_row["training_loss"] == pytest.approx(1.86) and dense_row["training_loss_source"].endswith("log.jsonl")
+
+
+def test_report_marks_offline_sst2_and_missing_parts(two_models, tmp_path):
+    dense, _ = two_models
+    (dense / report.SST2_RESULTS_FILE).write_text(
+        json.dumps({"label": "SST-2 (held-out half of validation, offline)", "accuracy": 0.5, "eval_examples": 436})
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "models" / "llama-tiny.json", bare / "config.json")
+    table = report.build_table([report.load_model_results(dense), report.load_model_results(bare)])
+    markdown = report.render_markdown(table)
+    assert (
+        "| 50.00<sup>1</sup> |" in markdown and "<sup>1</sup> SST-2 (held-out half of validation, offline)" in markdown
+    )
+    assert "| bare | - | 9.24M | 5.80G | - | - | - | - | - | - |" in markdown  # counts only
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor"):
+        report.load_model_results(tmp_path / "nothing-here")
+
+
+# --------------------------------------------------------------------------------------------- model cards
+
+
+def test_model_card_roundtrip(two_models, tmp_path):
+    _, routed = two_models
+    model_card.main([str(routed), "--train-config", str(REPO_ROOT / "configs" / "pretrain" / "tiny-cpu.yaml")])
+    card = ModelCard.load(routed / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "apache-2.0" and "mixture-of-experts" in card.data.tags
+    values = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values == {
+        ("allenai/ai2_arc", "acc"): 49.58,
+        ("aps/super_glue", "acc"): 58.39,
+        ("Rowan/hellaswag", "acc"): 44.21,
+        ("nyu-mll/glue", "accuracy"): 90.05,
+    }
+    assert card.data.eval_results[0].dataset_split == "test"
+    for text in (
+        "2,345,912,320 (2.35B)",
+        "trust_remote_code=True",
+        "| num_experts | 8 |",
+        "| web | 0.5 | json |",
+        "Final training LM loss: **1.610**",
+    ):
+        assert text in card.text, text
+
+
+def test_vision_model_card(tmp_path):
+    run = tmp_path / "fmnist-parameternet"
+    (run / "final").mkdir(parents=True)
+    config = json.loads((REPO_ROOT / "configs" / "vision" / "fmnist-parameternet.json").read_text())
+    (run / "final" / "config.json").write_text(json.dumps(config))
+    (run / "results.json").write_text(
+        json.dumps({"test_accuracy": 0.8712, "dataset": "zalando-datasets/fashion_mnist"})
+    )
+    card = model_card.build_card(run / "final")
+    card.save(run / "final" / "README.md")
+    loaded = ModelCard.load(run / "final" / "README.md")
+    assert loaded.data.pipeline_tag == "image-classification"
+    assert [(r.dataset_type, r.metric_value) for r in loaded.data.eval_results] == [
+        ("zalando-datasets/fashion_mnist", 87.12)
+    ]
+    from pnet.counting import count_config
+
+    assert f"{count_config(str(run / 'final')).total_params:,}" in loaded.text
+
+
+def test_model_card_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        model_card.main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' has no card; allowed"):
+        model_card.build_card(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- SST-2
+
+
+def _finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune_sst2", REPO_ROOT / "scripts" / "finetune_sst2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_sst2_offline_heldout(tiny_pnet_dir, fixture_data_dir, tmp_path):
+    """Offline: 64 validation sentences split 32/32; fitting its own 32 sentences beats chance by far."""
+    finetune = _finetune_module()
+    result = finetune.main(
+        [
+            str(tiny_pnet_dir),
+            "--data-dir",
+            str(fixture_data_dir),
+            "--epochs",
+            "8",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "8",
+            "--warmup-ratio",
+            "0",
+            "--report-train-accuracy",
+            "--output-dir",
+            str(tmp_path / "ft"),
+        ]
+    )
+    assert result["label"] == "SST-2 (held-out half of validation, offline)" and result["offline_heldout"]
+    assert result["finetune_examples"] == result["eval_examples"] == 32
+    assert result["train_accuracy"] >= 0.9
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert json.loads((tiny_pnet_dir / "sst2_results.json").read_text()) == result
+    log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    with pytest.raises(FileNotFoundError, match=r"no sst2/validation.jsonl\[.gz\] under .* it holds"):
+        finetune.main([str(tiny_pnet_dir), "--data-dir", str(tmp_path / "ft")])
