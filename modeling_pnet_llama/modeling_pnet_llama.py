@@ -349,6 +349,13 @@ class PNetSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
 
+_AUTO_MAP = {
+    "AutoConfig": "configuration_pnet_llama.PNetLlamaConfig",
+    "AutoModel": "modeling_pnet_llama.PNetLlamaModel",
+    "AutoModelForCausalLM": "modeling_pnet_llama.PNetLlamaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_pnet_llama.PNetLlamaForSequenceClassification",
+}
+
 # Checkpoint keys that must never be random-initialised on load: routers and (expert) FFN weights.
 _FFN_KEY_MARKER = ".mlp."
 
@@ -371,6 +378,13 @@ class PNetLlamaPreTrainedModel(PreTrainedModel):
         "hidden_states": PNetLlamaDecoderLayer,
         "attentions": LlamaAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records in `auto_map` only the class being saved; this one modeling file serves every head,
+        # so list them all and the folder loads with any of the Auto classes (e.g. a pretrained causal LM as
+        # `AutoModelForSequenceClassification` for SST-2 fine-tuning).
+        self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

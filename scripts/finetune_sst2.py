@@ -124,12 +124,6 @@ def finetune(args: argparse.Namespace) -> dict:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    auto_map = dict(getattr(config, "auto_map", None) or {})
-    if "AutoModelForCausalLM" in auto_map and "AutoModelForSequenceClassification" not in auto_map:
-        # A folder saved from the causal LM lists only that class in auto_map; its module defines the classifier.
-        causal_lm = auto_map["AutoModelForCausalLM"]
-        auto_map["AutoModelForSequenceClassification"] = causal_lm.replace("ForCausalLM", "ForSequenceClassification")
-        config.auto_map = auto_map
     config.num_labels = 2
     config.id2label, config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
     config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token

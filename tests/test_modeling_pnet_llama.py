@@ -1,5 +1,6 @@
 """PNet-LLaMA: routing math, expert computation, losses, LLaMA equivalence, upcycling, save/load, generation."""
 
+import json
 import math
 import os
 import subprocess
@@ -258,6 +259,14 @@ def test_save_and_fresh_process_load_with_remote_code(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     assert {"model.safetensors", "modeling_pnet_llama.py", "configuration_pnet_llama.py"} <= {
         p.name for p in (tmp_path / "ckpt").iterdir()
+    }
+    # Every head is listed, not only the class that was saved (a causal LM folder fine-tunes as a classifier).
+    auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_pnet_llama.PNetLlamaConfig",
+        "AutoModel": "modeling_pnet_llama.PNetLlamaModel",
+        "AutoModelForCausalLM": "modeling_pnet_llama.PNetLlamaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_pnet_llama.PNetLlamaForSequenceClassification",
     }
     input_ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     torch.save({"input_ids": input_ids, "logits": model(input_ids).logits.detach()}, tmp_path / "expected.pt")
