@@ -1,0 +1,64 @@
+"""pnet model code that travels with checkpoints: PNet-LLaMA (and ParameterNet vision models).
+
+Importing this package registers every class with the transformers Auto API, so `AutoConfig.for_model("pnet_llama")`
+and `AutoModelForCausalLM.from_config(...)` work without `trust_remote_code`; saved folders additionally carry the code
+(`auto_map`) and load anywhere with `trust_remote_code=True`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
+
+# --- PNet-LLaMA ---------------------------------------------------------------------------------------------------------
+from .configuration_pnet_llama import PNetLlamaConfig
+from .modeling_pnet_llama import (
+    PNetCausalLMOutputWithPast,
+    PNetLlamaForCausalLM,
+    PNetLlamaForSequenceClassification,
+    PNetLlamaModel,
+    PNetLlamaPreTrainedModel,
+    PNetModelOutputWithPast,
+    PNetSequenceClassifierOutputWithPast,
+)
+
+AutoConfig.register("pnet_llama", PNetLlamaConfig, exist_ok=True)
+AutoModel.register(PNetLlamaConfig, PNetLlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(PNetLlamaConfig, PNetLlamaForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(PNetLlamaConfig, PNetLlamaForSequenceClassification, exist_ok=True)
+
+# --- ParameterNet vision -----------------------------------------------------------------------------------------------
+from .configuration_parameternet import ParameterNetConfig
+from .image_processing_parameternet import ParameterNetImageProcessor
+from .modeling_parameternet import (
+    DynamicConv2d,
+    ParameterNetForImageClassification,
+    ParameterNetModel,
+    ParameterNetPreTrainedModel,
+)
+
+AutoConfig.register("parameternet", ParameterNetConfig, exist_ok=True)
+AutoModel.register(ParameterNetConfig, ParameterNetModel, exist_ok=True)
+AutoModelForImageClassification.register(ParameterNetConfig, ParameterNetForImageClassification, exist_ok=True)
+AutoImageProcessor.register(ParameterNetConfig, slow_image_processor_class=ParameterNetImageProcessor, exist_ok=True)
+
+__all__ = [
+    "DynamicConv2d",
+    "ParameterNetConfig",
+    "ParameterNetForImageClassification",
+    "ParameterNetImageProcessor",
+    "ParameterNetModel",
+    "ParameterNetPreTrainedModel",
+    "PNetCausalLMOutputWithPast",
+    "PNetLlamaConfig",
+    "PNetLlamaForCausalLM",
+    "PNetLlamaForSequenceClassification",
+    "PNetLlamaModel",
+    "PNetLlamaPreTrainedModel",
+    "PNetModelOutputWithPast",
+    "PNetSequenceClassifierOutputWithPast",
+]
