@@ -386,6 +386,21 @@ class PNetLlamaPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def router_losses(
+        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled (load-balancing loss, z-loss) over the non-padding tokens, averaged over routers."""
+        token_mask = _token_mask(attention_mask, seq_len)
+        return load_balancing_loss(router_logits, token_mask), router_z_loss(router_logits, token_mask)
+
+    def add_router_losses(self, task_loss: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
+        """`loss = task_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`."""
+        return (
+            task_loss
+            + self.config.router_aux_loss_coef * aux_loss.to(task_loss.device)
+            + self.config.router_z_loss_coef * z_loss.to(task_loss.device)
+        )
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # The parent initialises Linear/Embedding/RMSNorm and recomputes the rotary buffers (v5: without this call
@@ -542,17 +557,13 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
 
         aux_loss = z_loss = None
         if need_router_logits:
-            token_mask = _token_mask(attention_mask, outputs.last_hidden_state.shape[1])
-            aux_loss = load_balancing_loss(outputs.router_logits, token_mask)
-            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            aux_loss, z_loss = self.router_losses(
+                outputs.router_logits, attention_mask, outputs.last_hidden_state.shape[1]
+            )
         loss = lm_loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = (
-                lm_loss
-                + self.config.router_aux_loss_coef * aux_loss.to(lm_loss.device)
-                + self.config.router_z_loss_coef * z_loss.to(lm_loss.device)
-            )
+            loss = self.add_router_losses(lm_loss, aux_loss, z_loss)
         return PNetCausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
@@ -681,19 +692,15 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
 
         aux_loss = z_loss = None
         if need_router_logits:
-            token_mask = _token_mask(attention_mask, outputs.last_hidden_state.shape[1])
-            aux_loss = load_balancing_loss(outputs.router_logits, token_mask)
-            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            aux_loss, z_loss = self.router_losses(
+                outputs.router_logits, attention_mask, outputs.last_hidden_state.shape[1]
+            )
         loss = task_loss = None
         if labels is not None:
             task_loss = self.loss_function(
                 logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
             )
-            loss = (
-                task_loss
-                + self.config.router_aux_loss_coef * aux_loss.to(task_loss.device)
-                + self.config.router_z_loss_coef * z_loss.to(task_loss.device)
-            )
+            loss = self.add_router_losses(task_loss, aux_loss, z_loss)
         return PNetSequenceClassifierOutputWithPast(
             loss=loss,
             task_loss=task_loss,
