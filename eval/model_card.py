@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from pnet.counting import short_number
 from pnet_eval.report import ModelResults, load_model_results
 
 TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")
@@ -58,13 +59,9 @@ def find_train_config(model_dir: Path, explicit: str | None) -> tuple[dict[str, 
     return None, None
 
 
-def _fmt(n: int | float | None, units=(("B", 1e9), ("M", 1e6), ("K", 1e3))) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in units:
-        if abs(n) >= scale:
-            return f"{n:,} ({n / scale:.2f}{unit})"
-    return f"{n:,}"
+def _fmt(n: int | float | None, kind: str = "params") -> str:
+    """`1,540,507,648 (1.54B)`; FLOPs with kind="flops"."""
+    return "-" if n is None else f"{n:,} ({short_number(n, kind)})"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -156,11 +153,10 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
         size = [
             ["total parameters", _fmt(counts.total_params)],
             ["active parameters per token", _fmt(counts.active_params)],
-            ["forward FLOPs", _fmt(counts.flops, units=(("T", 1e12), ("G", 1e9), ("M", 1e6)))],
+            ["forward FLOPs", _fmt(counts.flops, "flops")],
         ]
-        flop_units = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
         size += [
-            [k, (_fmt(v, flop_units) if "flops" in k else _fmt(v)) if isinstance(v, int) else v]
+            [k, _fmt(v, "flops" if "flops" in k else "params") if isinstance(v, int) else v]
             for k, v in counts.details.items()
         ]
         parts.append(
@@ -313,7 +309,7 @@ def vision_card(results: ModelResults, vision_results: dict | None, license: str
                 ["", "value"],
                 [
                     ["parameters", _fmt(counts.total_params)],
-                    ["FLOPs", _fmt(counts.flops, units=(("G", 1e9), ("M", 1e6)))],
+                    ["FLOPs", _fmt(counts.flops, "flops")],
                 ],
             )
             + f"\n\nFLOPs convention: {counts.flops_convention}.\n"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pnet.counting import CountReport, count_config
+from pnet.counting import CountReport, count_config, short_number
 from pnet.train_utils import read_jsonl
 
 from pnet_eval.zero_shot import RESULTS_FILE
@@ -113,15 +113,6 @@ def task_score(results: ModelResults, task: str, metric: str) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _human(n: float | None, units=(("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in units:
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def build_table(models: list[ModelResults], metric: str = "acc") -> dict[str, Any]:
     """The Table 7 rows as plain data (what the JSON holds; the markdown is rendered from it)."""
     if metric not in METRIC_CHOICES:
@@ -177,8 +168,8 @@ def render_markdown(table: dict[str, Any]) -> str:
         cells = [
             row["model"],
             experts,
-            _human(row["total_params"]),
-            _human(row["flops"], units=(("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))),
+            short_number(row["total_params"], "params"),
+            short_number(row["flops"], "flops"),
             "-" if row["training_loss"] is None else f"{row['training_loss']:.2f}",
         ]
         if row["zero_shot_limit"] is not None:

@@ -57,24 +57,27 @@ def count_config(path: str, **kwargs) -> CountReport:
     )
 
 
-def _human(n: float, giga: str = "G") -> str:
-    """Short form: 917.51G FLOPs, or 2.35B parameters with giga="B"."""
+def short_number(n: float | None, kind: str = "flops") -> str:
+    """917.51G for FLOPs, 2.35B for parameters (kind="params"), "-" for None."""
+    if n is None:
+        return "-"
+    giga = "B" if kind == "params" else "G"
     for unit, scale in (("T", 1e12), (giga, 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
-    return str(n)
+    return f"{n:.0f}"
 
 
 def format_report(report: CountReport) -> str:
     lines = [
         f"{report.name} ({report.model_type})",
-        f"  {'total params':<22} {report.total_params:>18,d}  ({_human(report.total_params, 'B')})",
-        f"  {'active params':<22} {report.active_params:>18,d}  ({_human(report.active_params, 'B')})",
-        f"  {'forward FLOPs':<22} {report.flops:>18,d}  ({_human(report.flops)})",
+        f"  {'total params':<22} {report.total_params:>18,d}  ({short_number(report.total_params, 'params')})",
+        f"  {'active params':<22} {report.active_params:>18,d}  ({short_number(report.active_params, 'params')})",
+        f"  {'forward FLOPs':<22} {report.flops:>18,d}  ({short_number(report.flops)})",
     ]
     for key, value in report.details.items():
         if isinstance(value, int) and value >= 10_000:
-            lines.append(f"  {key:<22} {value:>18,d}  ({_human(value, 'B' if 'param' in key else 'G')})")
+            lines.append(f"  {key:<22} {value:>18,d}  ({short_number(value, 'params' if 'param' in key else 'flops')})")
         else:
             lines.append(f"  {key:<22} {value}")
     lines.append(f"  convention: {report.flops_convention}")
