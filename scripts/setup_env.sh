@@ -19,6 +19,7 @@ if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         $PIP install -q "deepspeed==0.19.8"
     else
+        $PIP install -q setuptools wheel  # --no-build-isolation builds with the venv's own tools
         DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
             $PIP install -q --no-build-isolation "deepspeed==0.19.8"
     fi
