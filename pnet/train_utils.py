@@ -102,8 +102,11 @@ def set_dotted(values: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[last] = value
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> PretrainConfig:
-    """Read a YAML run config, apply ``key=value`` overrides (dotted keys, YAML values) and validate."""
+def read_yaml_with_overrides(
+    path: str | os.PathLike, overrides: list[str] = (), literal_sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Read a YAML mapping and apply ``key=value`` overrides (dotted keys, YAML values). Under a section named in
+    ``literal_sections`` the rest of the key is taken whole (that section's keys are themselves dotted keys)."""
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f)
     if not isinstance(values, dict):
@@ -112,8 +115,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> PretrainC
         if "=" not in override:
             raise ValueError(f"override {override!r} must look like key=value (dotted keys allowed)")
         key, raw = override.split("=", 1)
-        set_dotted(values, key, yaml.safe_load(raw))
-    config = PretrainConfig.from_dict(values)
+        section, _, rest = key.partition(".")
+        if section in literal_sections and rest:
+            values.setdefault(section, {})[rest] = yaml.safe_load(raw)
+        else:
+            set_dotted(values, key, yaml.safe_load(raw))
+    return values
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> PretrainConfig:
+    """Read a YAML run config, apply ``key=value`` overrides (dotted keys, YAML values) and validate."""
+    config = PretrainConfig.from_dict(read_yaml_with_overrides(path, overrides))
     config.check()
     return config
 
