@@ -145,14 +145,23 @@ def checkpoint_tmp_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}.tmp"
 
 
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Replace folder ``final`` by ``tmp``, a finished folder written beside it, with one rename: readers find the
+    previous folder or the complete new one, never a half-written one."""
+    final = Path(final)
+    if final.exists():  # e.g. a fresh run over an old output_dir; os.replace cannot overwrite a folder
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def finish_checkpoint(output_dir: str | os.PathLike, step: int, keep_last: int) -> Path:
     """Publish ``checkpoint-N.tmp`` as ``checkpoint-N`` with one atomic rename, then prune old checkpoints.
 
     Called by the main process once every rank has written its part into the ``.tmp`` folder: a kill before
     the rename leaves only a ``.tmp`` folder, which resume ignores, so the previous checkpoint stays the latest.
     """
-    final = Path(output_dir) / f"checkpoint-{step}"
-    os.replace(checkpoint_tmp_dir(output_dir, step), final)
+    final = publish_dir(checkpoint_tmp_dir(output_dir, step), Path(output_dir) / f"checkpoint-{step}")
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final

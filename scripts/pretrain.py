@@ -42,6 +42,7 @@ from pnet.train_utils import (
     list_checkpoints,
     load_config,
     plot_training,
+    publish_dir,
     write_json_atomic,
     write_yaml_atomic,
 )
@@ -265,9 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.unwrap_model(model).save_pretrained(final_tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(final_tmp)
         shutil.copyfile(output_dir / "pretrain_config.yaml", final_tmp / "pretrain_config.yaml")  # for model cards
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(final_tmp, final_dir)
+        publish_dir(final_tmp, final_dir)
         plot_training(output_dir / "log.jsonl", output_dir / "training.png")
         accelerator.print(f"exported {final_dir}; plot {output_dir / 'training.png'}")
     accelerator.end_training()

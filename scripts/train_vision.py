@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from modeling_pnet_llama import ParameterNetConfig, ParameterNetForImageClassification, ParameterNetImageProcessor
-from pnet.train_utils import JsonlLog, checkpoint_tmp_dir, finish_checkpoint, list_checkpoints, read_jsonl, set_dotted
+from pnet.train_utils import (
+    JsonlLog,
+    checkpoint_tmp_dir,
+    finish_checkpoint,
+    list_checkpoints,
+    publish_dir,
+    read_jsonl,
+    set_dotted,
+)
 from pnet.vision_counting import count_parameternet
 from pnet.vision_data import (
     AugmentConfig,
@@ -136,9 +144,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep: 
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isdir(final):  # a fresh run over the same output_dir replaces its checkpoint at this step
-            shutil.rmtree(final)
         finish_checkpoint(output_dir, step, keep)
     accelerator.wait_for_everyone()
 
@@ -312,9 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     log({"step": step, **metrics, "train_accuracy": train_metrics["accuracy"]})
     if accelerator.is_main_process:
-        final_dir = os.path.join(output_dir, "final")
-        final_model.save_pretrained(final_dir, safe_serialization=True)
-        image_processor.save_pretrained(final_dir)
+        # Written beside, then renamed: a kill during the export never leaves a half-written `final/`.
+        final_tmp = os.path.join(output_dir, "final.tmp")
+        if os.path.isdir(final_tmp):
+            shutil.rmtree(final_tmp)
+        final_model.save_pretrained(final_tmp, safe_serialization=True)
+        image_processor.save_pretrained(final_tmp)
+        publish_dir(final_tmp, os.path.join(output_dir, "final"))
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         plot_log(log_path, os.path.join(output_dir, "training.png"))
