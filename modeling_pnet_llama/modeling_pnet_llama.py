@@ -91,8 +91,8 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
 
 
 def _grouped_mm_supported(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands (torch 2.13): CPU fp32/bf16/fp16, CUDA bf16, and on both rows of
-    a multiple of 16 bytes (the backward kernels reject other strides)."""
+    """Whether `F.grouped_mm` takes these operands (torch 2.13): one dtype for both, CPU fp32/bf16/fp16 or CUDA bf16,
+    and on both rows of a multiple of 16 bytes (the backward kernels reject other strides)."""
     if not hasattr(F, "grouped_mm"):
         return False
     if hidden_states.device.type == "cpu":
@@ -102,7 +102,7 @@ def _grouped_mm_supported(hidden_states: torch.Tensor, weight: torch.Tensor) -> 
     else:
         return False
     row_bytes = hidden_states.element_size()
-    return dtype_ok and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
+    return dtype_ok and weight.dtype == hidden_states.dtype and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
 
 
 class ExpertLinear(nn.Module):
@@ -129,13 +129,20 @@ class ExpertLinear(nn.Module):
     ) -> torch.Tensor:
         """hidden_states (T, in_features), expert_index (T,), expert_scale (T,) -> (T, out_features)."""
         num_tokens = hidden_states.shape[0]
+        weight = self.weight
+        device_type = hidden_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            # F.grouped_mm is not on autocast's op list (F.linear is): cast both operands as autocast would, or a bf16
+            # activation meets the fp32 master weight.
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            hidden_states, weight = hidden_states.to(autocast_dtype), weight.to(autocast_dtype)
         expert_scale = expert_scale.to(hidden_states.dtype)
         if self.num_experts == 1 and self.capacity_factor is None:
-            return F.linear(hidden_states, self.weight[0]) * expert_scale[:, None]
+            return F.linear(hidden_states, weight[0]) * expert_scale[:, None]
         if num_tokens == 1:
             # Decode: one token, one expert, whose weight is a view (indexing reads the index on the host); a capacity
             # of ceil(1 / E * factor) >= 1 never drops it.
-            return F.linear(hidden_states, self.weight[expert_index[0]]) * expert_scale[:, None]
+            return F.linear(hidden_states, weight[expert_index[0]]) * expert_scale[:, None]
 
         order = torch.argsort(expert_index, stable=True)
         tokens_per_expert = torch.bincount(expert_index, minlength=self.num_experts)
@@ -157,11 +164,11 @@ class ExpertLinear(nn.Module):
             hidden_states = hidden_states * expert_scale[:, None]
         # index_select (not x[order]): the dedicated gather kernel is several times faster on CPU.
         sorted_states = hidden_states.index_select(0, order)
-        if _grouped_mm_supported(hidden_states, self.weight):
-            sorted_out = F.grouped_mm(sorted_states, self.weight.transpose(-2, -1), offs=end_offsets.to(torch.int32))
+        if _grouped_mm_supported(hidden_states, weight):
+            sorted_out = F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets.to(torch.int32))
         else:
             chunks = sorted_states.split(tokens_per_expert.tolist())
-            sorted_out = torch.cat([F.linear(chunk, self.weight[e]) for e, chunk in enumerate(chunks)])
+            sorted_out = torch.cat([F.linear(chunk, weight[e]) for e, chunk in enumerate(chunks)])
         inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
         output = sorted_out.index_select(0, inverse_order)
         return output if scale_input else output * expert_scale[:, None]

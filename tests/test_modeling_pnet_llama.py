@@ -111,6 +111,37 @@ def test_expert_linear_matches_reference_values_and_gradients(monkeypatch, out_f
     assert grads[2][0].abs().max() > 0
 
 
+@pytest.mark.parametrize("projection", ["gate", "up", "down"])
+def test_bf16_autocast_training_step_uses_grouped_mm_and_matches_fallback(monkeypatch, projection):
+    """Mixed precision (fp32 master weights under bf16 autocast, as `accelerate` runs bf16 on CUDA) must train.
+    F.grouped_mm is not on autocast's op list, so a down projection, whose input is the bf16 product of two
+    autocast matmuls, once met an fp32 expert weight and crashed. CPU autocast reproduces that path."""
+    config = tiny_config(num_experts=4, moe_projections=[projection], expert_output_scaling="straight_through")
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    grouped_mm = pnet_modeling.F.grouped_mm
+    monkeypatch.setattr(pnet_modeling.F, "grouped_mm", lambda a, b, **kw: calls.append((a.dtype, b.dtype)) or grouped_mm(a, b, **kw))
+
+    def loss_and_grads(use_grouped_mm: bool):
+        torch.manual_seed(0)
+        model = PNetLlamaForCausalLM(config)
+        with monkeypatch.context() as patch:
+            if not use_grouped_mm:
+                patch.setattr(pnet_modeling, "_grouped_mm_supported", lambda *args: False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = model(input_ids, labels=input_ids)
+            output.loss.backward()
+        experts = getattr(model.model.layers[0].mlp, f"{projection}_proj")
+        return output.loss.detach(), experts.weight.grad
+
+    loss, grad = loss_and_grads(use_grouped_mm=True)
+    assert calls and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in calls)
+    assert grad.dtype == torch.float32 and grad.abs().max() > 0  # the fp32 master weight gets its gradient
+    fallback_loss, fallback_grad = loss_and_grads(use_grouped_mm=False)
+    torch.testing.assert_close(loss, fallback_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad, fallback_grad, rtol=5e-2, atol=5e-3)
+
+
 def test_expert_linear_single_token_decode_path():
     torch.manual_seed(1)
     experts = ExpertLinear(in_features=6, out_features=4, num_experts=3, capacity_factor=0.5)
