@@ -102,7 +102,8 @@ def _grouped_mm_supported(hidden_states: torch.Tensor, weight: torch.Tensor) -> 
     else:
         return False
     row_bytes = hidden_states.element_size()
-    return dtype_ok and weight.dtype == hidden_states.dtype and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
+    rows_aligned = (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
+    return dtype_ok and weight.dtype == hidden_states.dtype and rows_aligned
 
 
 class ExpertLinear(nn.Module):
