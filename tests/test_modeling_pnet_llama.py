@@ -118,9 +118,14 @@ def test_bf16_autocast_training_step_uses_grouped_mm_and_matches_fallback(monkey
     autocast matmuls, once met an fp32 expert weight and crashed. CPU autocast reproduces that path."""
     config = tiny_config(num_experts=4, moe_projections=[projection], expert_output_scaling="straight_through")
     input_ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    calls = []
+    calls = []  # operand dtypes of every grouped_mm call
     grouped_mm = pnet_modeling.F.grouped_mm
-    monkeypatch.setattr(pnet_modeling.F, "grouped_mm", lambda a, b, **kw: calls.append((a.dtype, b.dtype)) or grouped_mm(a, b, **kw))
+
+    def recording_grouped_mm(mat_a, mat_b, **kwargs):
+        calls.append((mat_a.dtype, mat_b.dtype))
+        return grouped_mm(mat_a, mat_b, **kwargs)
+
+    monkeypatch.setattr(pnet_modeling.F, "grouped_mm", recording_grouped_mm)
 
     def loss_and_grads(use_grouped_mm: bool):
         torch.manual_seed(0)
@@ -303,6 +308,8 @@ def test_save_and_fresh_process_load_with_remote_code(tmp_path):
     torch.save({"input_ids": input_ids, "logits": model(input_ids).logits.detach()}, tmp_path / "expected.pt")
     script = (
         "import sys, torch\n"
+        # Same thread count as this process (conftest sets it; OMP_NUM_THREADS may differ): bit-identical matmuls.
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()\n"
         "assert 'modeling_pnet_llama' not in sys.modules, 'the installed package must not be needed'\n"
