@@ -130,20 +130,19 @@ class ExpertLinear(nn.Module):
     ) -> torch.Tensor:
         """hidden_states (T, in_features), expert_index (T,), expert_scale (T,) -> (T, out_features)."""
         num_tokens = hidden_states.shape[0]
-        weight = self.weight
-        device_type = hidden_states.device.type
-        if torch.is_autocast_enabled(device_type):
-            # F.grouped_mm is not on autocast's op list (F.linear is): cast both operands as autocast would, or a bf16
-            # activation meets the fp32 master weight.
-            autocast_dtype = torch.get_autocast_dtype(device_type)
-            hidden_states, weight = hidden_states.to(autocast_dtype), weight.to(autocast_dtype)
+        autocast = torch.is_autocast_enabled(hidden_states.device.type)
+        if autocast:
+            hidden_states = hidden_states.to(torch.get_autocast_dtype(hidden_states.device.type))
         expert_scale = expert_scale.to(hidden_states.dtype)
         if self.num_experts == 1 and self.capacity_factor is None:
-            return F.linear(hidden_states, weight[0]) * expert_scale[:, None]
+            return F.linear(hidden_states, self.weight[0]) * expert_scale[:, None]
         if num_tokens == 1:
             # Decode: one token, one expert, whose weight is a view (indexing reads the index on the host); a capacity
-            # of ceil(1 / E * factor) >= 1 never drops it.
-            return F.linear(hidden_states, weight[expert_index[0]]) * expert_scale[:, None]
+            # of ceil(1 / E * factor) >= 1 never drops it. Under autocast F.linear casts just that expert.
+            return F.linear(hidden_states, self.weight[expert_index[0]]) * expert_scale[:, None]
+        # F.grouped_mm is not on autocast's op list (F.linear is): cast the weight as autocast would, or the bf16
+        # activation meets the fp32 master weight.
+        weight = self.weight.to(hidden_states.dtype) if autocast else self.weight
 
         order = torch.argsort(expert_index, stable=True)
         tokens_per_expert = torch.bincount(expert_index, minlength=self.num_experts)
