@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import modeling_pnet_llama  # noqa: E402,F401  (registers pnet_llama)
 from pnet.data import DataExhaustedError, PackedBatchIterator, build_train_stream, load_tokenizer  # noqa: E402
-from pnet.train_utils import load_config  # noqa: E402
+from pnet.config import load_pretrain_config as load_config  # noqa: E402
 
 
 def pipeline_tokens_per_s(config, tokenizer, seconds: float) -> tuple[float, float]:

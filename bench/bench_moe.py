@@ -1,22 +1,24 @@
 """Benchmark PNet-LLaMA's routed projections against dense LLaMA, measured in the same run (CPU, fp32).
 
-    python bench/bench_moe.py                # defaults below: fp32, --threads 2, medians of --repeats rounds
-    python bench/bench_moe.py --threads 1    # less sensitive to other processes on a shared machine
+    python bench/bench_moe.py                  # 1 and 2 threads, medians of --repeats rounds
+    python bench/bench_moe.py --threads 1      # one thread count
 
 Every comparison is interleaved (each round runs baseline and candidate in rotating order) and reported as the ratio
-of medians, so load from other processes hits both sides alike; absolute numbers still move with that load.
+of medians, so load from other processes hits both sides alike; absolute numbers still move with that load, which is
+printed at the start (and should be below ~0.5 for figures worth quoting).
 
-Prints, each as a ratio against its baseline from this run:
-  1. routed projection (router + ExpertLinear, E experts) forward+backward throughput vs the dense projection of the
-     same active FLOPs (goal >= 0.90), and vs a naive per-expert loop (Mixtral-style mask + index_add);
-  2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims (goal >= 0.85),
-     forward+backward alone and with the AdamW step (which scales with parameters, not tokens);
-  3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.90);
-  4. peak resident memory of building each model and running two AdamW steps, each in a fresh process.
+Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
+  1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
+     FLOPs (goal >= 0.90); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop;
+  2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
+     (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
+  3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95);
+  4. once: peak resident memory of building each model and running two AdamW steps, each in a fresh process.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -195,7 +197,6 @@ def _rss_mib(field: str) -> float:
 def memory_child(kind: str, args) -> None:
     """Runs in a fresh process: builds the model and runs two AdamW training steps; prints the peak resident memory
     above the post-import baseline (Linux: the peak VmHWM is reset through /proc/self/clear_refs after imports)."""
-    torch.set_num_threads(args.threads)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     baseline = _rss_mib("VmRSS")
@@ -215,8 +216,9 @@ def bench_memory(args) -> dict:
     result = {}
     for kind in ("dense", "pnet"):
         command = [sys.executable, __file__, "--memory-child", kind] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "memory_child"
-        ]
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("memory_child", "threads", "skip_memory")
+        ] + ["--threads", str(args.threads[0])]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result[kind] = json.loads(out.strip().splitlines()[-1])
     return result
@@ -224,8 +226,8 @@ def bench_memory(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--projection", choices=["gate", "up", "down"], default="down")
     parser.add_argument("--hidden", type=int, default=256)
@@ -234,40 +236,47 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-memory", action="store_true", help="skip part 4 (two child processes)")
     parser.add_argument("--memory-child", choices=["dense", "pnet"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
+        torch.set_num_threads(args.threads[0])
         memory_child(args.memory_child, args)
         return
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, medians of {args.repeats} runs")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    print(f"torch {torch.__version__}, fp32, medians of {args.repeats} interleaved rounds")
     print(f"config: {json.dumps({k: v for k, v in vars(args).items() if k != 'memory_child'})}")
-
-    proj = bench_projection(args)
-    print(f"\n[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-    for name in ("dense", "routed", "experts_only", "naive_loop"):
-        print(f"    {name:<11} {proj[name] * 1e3:8.2f} ms")
-    print(f"    routed / dense throughput      {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
-    print(f"    experts-only / dense           {proj['dense'] / proj['experts_only']:.3f}")
-    print(f"    routed / naive-loop throughput {proj['naive_loop'] / proj['routed']:.3f}")
-
     models = {"dense": build("dense", args), "pnet": build("pnet", args)}
-    train = bench_training(args, models)
-    print(f"\n[2] training tokens/s, batch {args.batch} x {args.seq_len}")
-    for key, label in (("fwd_bwd", "forward+backward"), ("step", "step incl. AdamW")):
-        dense, pnet = train[key]["dense"], train[key]["pnet"]
-        print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}   (goal >= 0.85)")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n===== {threads} thread(s) =====")
+        proj = bench_projection(args)
+        print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
+        for name in ("dense", "routed", "experts_only", "naive_loop"):
+            print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
+        print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
+        print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
+        print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
 
-    gen = bench_generation(args, models)
-    print(f"\n[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens")
-    print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
-          "   (goal >= 0.90)")
+        train = bench_training(args, models)
+        print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")
+        for key, label, goal in (("fwd_bwd", "forward+backward", "   (goal >= 0.95)"), ("step", "step incl. AdamW", "")):
+            dense, pnet = train[key]["dense"], train[key]["pnet"]
+            print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}{goal}")
 
-    mem = bench_memory(args)
-    print("\n[4] peak resident memory of build + 2 AdamW steps above the import baseline (fresh process each)")
-    for kind in ("dense", "pnet"):
-        print(f"    {kind:<6} params {mem[kind]['params']:>11,d}   peak {mem[kind]['peak_mib']:8.1f} MiB")
-    print(f"    pnet / dense peak {mem['pnet']['peak_mib'] / mem['dense']['peak_mib']:.3f}")
+        gen = bench_generation(args, models)
+        print(f"[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens")
+        print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
+              "   (goal >= 0.95)")
+
+    if not args.skip_memory:
+        mem = bench_memory(args)
+        print("\n[4] peak resident memory of build + 2 AdamW steps above the import baseline (fresh process each)")
+        for kind in ("dense", "pnet"):
+            print(f"    {kind:<6} params {mem[kind]['params']:>11,d}   peak {mem[kind]['peak_mib']:8.1f} MiB")
+        print(f"    pnet / dense: peak {mem['pnet']['peak_mib'] / mem['dense']['peak_mib']:.3f} for "
+              f"{mem['pnet']['params'] / mem['dense']['params']:.2f}x the parameters")
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

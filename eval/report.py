@@ -7,6 +7,8 @@ the folder). Per model the report reads, when present:
   * `config.json` -> #Expert, Params and FLOPs via `pnet.counting.count_config` (the paper's arithmetic);
   * `pnet_eval_results.json` -> ARC-e, BoolQ, HellaSwag (zero-shot, `pnet-eval`);
   * `sst2_results.json` -> SST-2 (fine-tuned classifier, `scripts/finetune_sst2.py`);
+  * `pnet_perplexity_results.json` -> one word PPL / BPB / token PPL column group per scored file
+    (`pnet-eval DIR --perplexity FILE`), shown only when some model has one;
   * `log.jsonl` of the pretraining run (in the folder or its parent, `scripts/pretrain.py` writes it next to
     `final/`) -> training loss = mean LM loss of the last `--loss-window` logged steps.
 Missing pieces print as "-". Avg is the mean of the four tasks (over those present, flagged when partial).
@@ -20,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pnet import run_log
 from pnet.counting import CountReport, count_config, short_number
-from pnet.train_utils import read_jsonl
 
+from pnet_eval import perplexity
 from pnet_eval.zero_shot import RESULTS_FILE
 
 SST2_RESULTS_FILE = "sst2_results.json"
-TRAINING_LOG_FILE = "log.jsonl"
+TRAINING_LOG_FILE = run_log.LOG_FILE
 TASK_COLUMNS = (("arc_easy", "ARC-e"), ("boolq", "BoolQ"), ("sst2", "SST-2"), ("hellaswag", "HellaSwag"))
 METRIC_CHOICES = ("acc", "acc_norm")
 
@@ -43,6 +46,7 @@ class ModelResults:
     training_loss_source: str | None = None
     zero_shot: dict[str, Any] | None = None  # pnet_eval_results.json
     sst2: dict[str, Any] | None = None  # sst2_results.json
+    perplexity: dict[str, Any] | None = None  # pnet_perplexity_results.json (pnet-eval --perplexity)
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,8 +57,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def training_loss_from_log(log_path: Path, window: int) -> float | None:
     """Mean LM loss (or total loss for logs without `lm_loss`) over the last `window` logged training steps."""
-    rows = read_jsonl(log_path)
-    losses = [r["lm_loss"] if r.get("lm_loss") is not None else r["loss"] for r in rows if r.get("loss") is not None]
+    rows = run_log.train_records(run_log.read_log(log_path))
+    losses = [r[run_log.LM_LOSS] if r.get(run_log.LM_LOSS) is not None else r[run_log.LOSS] for r in rows]
     if not losses:
         return None
     tail = losses[-window:]
@@ -85,6 +89,10 @@ def load_model_results(path: str | Path, loss_window: int = 10) -> ModelResults:
     for folder in dict.fromkeys((results_dir, model_dir)):
         if (folder / SST2_RESULTS_FILE).is_file():
             results.sst2 = _read_json(folder / SST2_RESULTS_FILE)
+            break
+    for folder in dict.fromkeys((results_dir, model_dir)):
+        if (found := perplexity.read_perplexity_results(folder)) is not None:
+            results.perplexity = found
             break
     if (model_dir / "config.json").is_file():
         results.config = _read_json(model_dir / "config.json")
@@ -143,6 +151,7 @@ def build_table(models: list[ModelResults], metric: str = "acc") -> dict[str, An
                 "docs": {t: e.get("docs") for t, e in zero_shot.get("tasks", {}).items()},
                 "zero_shot_limit": zero_shot.get("limit"),
                 "zero_shot_data_source": zero_shot.get("data_source"),
+                "perplexity": perplexity.report_entries(m.perplexity),
                 "notes": m.notes,
             }
         )
@@ -153,7 +162,9 @@ def build_table(models: list[ModelResults], metric: str = "acc") -> dict[str, An
 def render_markdown(table: dict[str, Any]) -> str:
     """Markdown of `build_table`'s output: the paper's columns, footnotes for anything non-standard."""
     metric = table["metric"]
+    ppl_columns = perplexity.report_columns(table["rows"])
     header = ["Model", "#Expert", "Params", "FLOPs", "Training loss", "ARC-e", "BoolQ", "SST-2", "HellaSwag", "Avg"]
+    header += [title for *_, title in ppl_columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     footnotes: dict[str, str] = {}
 
@@ -185,6 +196,7 @@ def render_markdown(table: dict[str, Any]) -> str:
         if row["avg"] is not None and len(row["avg_over"]) < len(TASK_COLUMNS):
             avg += mark("Avg over the tasks present only: " + ", ".join(row["avg_over"]))
         cells.append(avg)
+        cells += perplexity.report_cells(row, ppl_columns)
         lines.append("| " + " | ".join(cells) + " |")
     zero_shot_metric = "acc_norm" if metric == "acc_norm" else "acc"
     notes = [
@@ -192,6 +204,7 @@ def render_markdown(table: dict[str, Any]) -> str:
         "SST-2: fine-tuned classifier accuracy, in %. Training loss: mean LM loss over the last logged steps.",
     ]
     notes += [f"FLOPs: {c}." for c in table["flops_convention"]]
+    notes += perplexity.report_notes(table["rows"])
     notes += [f"<sup>{symbol}</sup> {text}" for text, symbol in footnotes.items()]
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 

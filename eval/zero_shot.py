@@ -1,6 +1,7 @@
 """`pnet-eval`: zero-shot ARC-Easy / BoolQ / HellaSwag (the paper's Table 7) with lm-eval's HF backend.
 
-Two data sources, one code path (`lm_eval.simple_evaluate` with `trust_remote_code=True`):
+Two data sources, one code path (`lm_eval.simple_evaluate`; folders of this package's model types load with the
+installed classes and run none of the folder's code, others only with `--trust-remote-code`):
   * Hub (default when the Hub is reachable): lm-eval's own tasks `arc_easy`, `boolq`, `hellaswag`, unchanged.
   * Local JSON Lines (`--data-dir DIR`, or `--data-dir bundled` for the copy shipped in `eval/data`; the
     default when `HF_HUB_OFFLINE`/`HF_DATASETS_OFFLINE` is set): the `*_local` tasks of `eval/tasks/`,
@@ -13,6 +14,7 @@ summary (`pnet_eval_results.json`) that `pnet-report` and `pnet-card` read.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pnet_eval import perplexity
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -45,6 +49,8 @@ TASKS: dict[str, ZeroShotTask] = {
     "sst2": ZeroShotTask("sst2", "sst2", "sst2_local", ("acc",)),
 }
 DEFAULT_TASKS = ("arc_easy", "boolq", "hellaswag")
+# lm-eval model types, each with its default batch size: vLLM batches all requests itself (continuous batching).
+BACKENDS = {"hf": 1, "vllm": "auto"}
 
 
 def hub_is_offline() -> bool:
@@ -144,23 +150,36 @@ def evaluate(
     tasks: str | list[str] | tuple[str, ...] = DEFAULT_TASKS,
     data_dir: str | os.PathLike | None = None,
     limit: int | float | None = None,
-    batch_size: int | str = 1,
+    batch_size: int | str | None = None,
     device: str | None = None,
     dtype: str | None = None,
     output_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    backend: str = "hf",
 ) -> list[dict[str, Any]]:
     """Zero-shot evaluation of each model; returns (and writes) one compact result dict per model.
 
-    Results go to each model's own folder, or to `output_dir/<model folder name>/` when given.
+    Results go to each model's own folder, or to `output_dir/<model folder name>/` when given. No code from a model
+    folder runs unless `trust_remote_code` (`pnet.model_loading.trust_remote_code_for`). `backend` is lm-eval's model
+    type: "hf" (transformers) or "vllm" (vLLM with pnet's plugin, see README "Serving"); `batch_size` None is
+    1 for hf and "auto" (all requests at once) for vllm.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("backend 'vllm' needs vLLM installed beside pnet (README \"Serving\": scripts/setup_vllm.sh)")
+    batch_size = BACKENDS[backend] if batch_size is None else batch_size
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
+    from pnet.model_loading import trust_remote_code_for
+
     models = [check_model(m) for m in model_dirs]
     selected = resolve_tasks(tasks)
+    trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}  # before any loading
     local_dir = resolve_data_dir(data_dir)
     if local_dir is not None:
         check_local_data(selected, local_dir)
@@ -179,8 +198,8 @@ def evaluate(
     for model in models:
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": model, "trust_remote_code": True, "dtype": dtype},
+            model=backend,
+            model_args={"pretrained": model, "trust_remote_code": trust[model], "dtype": dtype},
             tasks=task_names,
             num_fewshot=0,
             limit=limit,
@@ -197,6 +216,7 @@ def evaluate(
             "data_source": data_source(local_dir),
             "num_fewshot": 0,
             "limit": limit,
+            "backend": backend,
             "device": device,
             "dtype": dtype,
             "lm_eval_version": lm_eval.__version__,
@@ -225,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pnet-eval", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="saved model folders (or Hub ids when online)")
     parser.add_argument(
-        "--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {sorted(TASKS)} (default: %(default)s)"
+        "--tasks",
+        default=None,
+        help=f"comma-separated, from {sorted(TASKS)} (default: {','.join(DEFAULT_TASKS)}; none with --perplexity)",
     )
     parser.add_argument(
         "--data-dir",
@@ -234,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         "default: the Hub, or 'bundled' when HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set",
     )
     parser.add_argument("--limit", type=_limit, default=None, help="documents per task (int) or fraction (<1)")
-    parser.add_argument("--batch-size", default="1", help="int, 'auto' or 'auto:N' (lm-eval's batch size)")
+    parser.add_argument(
+        "--batch-size",
+        default=None,
+        help="int, 'auto' or 'auto:N' (lm-eval's batch size; default: 1 for hf, auto for vllm)",
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:0, cpu, ... (default: cuda if available)")
     parser.add_argument(
         "--dtype", default=None, help="float32, bfloat16, float16, auto (default: bf16 on GPU, fp32 on CPU)"
@@ -242,18 +268,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output-dir", default=None, help="write results to DIR/<model name>/ instead of the model folder"
     )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="hf",
+        help="lm-eval model type for the zero-shot tasks: hf (transformers) or vllm (needs vLLM; README \"Serving\")",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code (auto_map); pnet_llama / llama folders load without it",
+    )
+    perplexity.add_arguments(parser)
     args = parser.parse_args(argv)
-    batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    batch_size = args.batch_size
+    if batch_size is not None and batch_size.isdigit():
+        batch_size = int(batch_size)
     try:
+        if args.tasks is not None:
+            resolve_tasks(args.tasks)  # a bad task name fails before the perplexity run, not after it
+        if args.perplexity:
+            perplexity.evaluate_perplexity(
+                args.models,
+                args.perplexity,
+                text_field=args.text_field,
+                max_length=args.max_length,
+                batch_size=BACKENDS["hf"] if batch_size is None else batch_size,
+                device=args.device,
+                dtype=args.dtype,
+                prefix_token_id=args.prefix_token_id,
+                output_dir=args.output_dir,
+                trust_remote_code=args.trust_remote_code,
+            )
+            if args.tasks is None:
+                return
         evaluate(
             args.models,
-            tasks=args.tasks,
+            tasks=args.tasks or DEFAULT_TASKS,
             data_dir=args.data_dir,
             limit=args.limit,
             batch_size=batch_size,
             device=args.device,
             dtype=args.dtype,
             output_dir=args.output_dir,
+            trust_remote_code=args.trust_remote_code,
+            backend=args.backend,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"pnet-eval: error: {error}\n")

@@ -1,4 +1,4 @@
-"""pnet model code that travels with checkpoints: PNet-LLaMA (and ParameterNet vision models).
+"""pnet model code that travels with checkpoints: PNet-LLaMA.
 
 Importing this package registers every class with the transformers Auto API, so `AutoConfig.for_model("pnet_llama")`
 and `AutoModelForCausalLM.from_config(...)` work without `trust_remote_code`; saved folders additionally carry the code
@@ -7,10 +7,8 @@ and `AutoModelForCausalLM.from_config(...)` work without `trust_remote_code`; sa
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
-    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
 )
 
@@ -31,28 +29,7 @@ AutoModel.register(PNetLlamaConfig, PNetLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(PNetLlamaConfig, PNetLlamaForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(PNetLlamaConfig, PNetLlamaForSequenceClassification, exist_ok=True)
 
-# --- ParameterNet vision -----------------------------------------------------------------------------------------------
-from .configuration_parameternet import ParameterNetConfig
-from .image_processing_parameternet import ParameterNetImageProcessor
-from .modeling_parameternet import (
-    DynamicConv2d,
-    ParameterNetForImageClassification,
-    ParameterNetModel,
-    ParameterNetPreTrainedModel,
-)
-
-AutoConfig.register("parameternet", ParameterNetConfig, exist_ok=True)
-AutoModel.register(ParameterNetConfig, ParameterNetModel, exist_ok=True)
-AutoModelForImageClassification.register(ParameterNetConfig, ParameterNetForImageClassification, exist_ok=True)
-AutoImageProcessor.register(ParameterNetConfig, slow_image_processor_class=ParameterNetImageProcessor, exist_ok=True)
-
 __all__ = [
-    "DynamicConv2d",
-    "ParameterNetConfig",
-    "ParameterNetForImageClassification",
-    "ParameterNetImageProcessor",
-    "ParameterNetModel",
-    "ParameterNetPreTrainedModel",
     "PNetCausalLMOutputWithPast",
     "PNetLlamaConfig",
     "PNetLlamaForCausalLM",

@@ -8,13 +8,98 @@ token, so the active compute equals the dense projection's.
 import functools
 import math
 
-from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassError
-from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.utils.versions import require_version
+
+
+# The transformers releases this code is tested on (CI runs the oldest and the newest); pyproject.toml declares the
+# same range. Checked before anything else is imported: outside it, importing raises rather than computing.
+TRANSFORMERS_REQUIREMENT = "transformers>=5.19,<6"
+require_version(TRANSFORMERS_REQUIREMENT, "PNet-LLaMA's model code supports only this range: install a release in it.")
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from huggingface_hub.errors import StrictDataclassError  # noqa: E402
+from transformers.models.llama.configuration_llama import LlamaConfig  # noqa: E402
 
 
 MOE_PROJECTION_NAMES = ("gate", "up", "down")
 EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _optional_positive_int(name, value):
+    return value if value is None else _positive_int(name, value)
+
+
+def _non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _jitter(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return value
+
+
+def _capacity(name, value):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+    ):
+        raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+    return value
+
+
+def _projections(name, value):
+    """A non-empty list of distinct names from MOE_PROJECTION_NAMES, returned in the canonical order gate, up, down."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a non-empty list drawn from {list(MOE_PROJECTION_NAMES)}, got {value!r}")
+    unknown = [item for item in value if item not in MOE_PROJECTION_NAMES]
+    if not value or unknown or len(set(value)) != len(value):
+        raise ValueError(
+            f"{name} must be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}, "
+            f"got {list(value)!r}"
+        )
+    return [item for item in MOE_PROJECTION_NAMES if item in value]
+
+
+def _scaling(name, value):
+    if value not in EXPERT_OUTPUT_SCALINGS:
+        raise ValueError(f"{name} must be one of {list(EXPERT_OUTPUT_SCALINGS)}, got {value!r}")
+    return value
+
+
+def _no_bias(name, value):
+    if value:
+        raise ValueError(f"{name} must be False for pnet_llama: experts have no bias (the paper's counts)")
+    return value
+
+
+# Single-field rules, checked whenever a field is set: at construction and on assignment afterwards (an edited config
+# reaches the model and the saved config.json). Rules between fields (e.g. heads dividing hidden_size) are LLaMA's,
+# checked at construction by `validate_architecture`, since a multi-step edit passes through states that break them.
+FIELD_RULES = {
+    "vocab_size": _positive_int,
+    "hidden_size": _positive_int,
+    "intermediate_size": _positive_int,
+    "num_hidden_layers": _positive_int,
+    "num_attention_heads": _positive_int,
+    "num_key_value_heads": _optional_positive_int,
+    "max_position_embeddings": _positive_int,
+    "num_experts": _positive_int,
+    "moe_projections": _projections,
+    "router_aux_loss_coef": _non_negative,
+    "router_z_loss_coef": _non_negative,
+    "router_jitter_noise": _jitter,
+    "expert_capacity_factor": _capacity,
+    "expert_output_scaling": _scaling,
+    "mlp_bias": _no_bias,
+}
 
 
 @strict
@@ -72,43 +157,9 @@ class PNetLlamaConfig(LlamaConfig):
     expert_output_scaling: str = "router_prob"
     output_router_logits: bool = False
 
-    def __post_init__(self, **kwargs):
-        projections = self.moe_projections
-        if isinstance(projections, str) or not isinstance(projections, (list, tuple)):
-            raise ValueError(
-                f"moe_projections must be a non-empty list drawn from {list(MOE_PROJECTION_NAMES)}, "
-                f"got {projections!r}"
-            )
-        unknown = [name for name in projections if name not in MOE_PROJECTION_NAMES]
-        if not projections or unknown or len(set(projections)) != len(projections):
-            raise ValueError(
-                f"moe_projections must be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}, "
-                f"got {list(projections)!r}"
-            )
-        self.moe_projections = [name for name in MOE_PROJECTION_NAMES if name in projections]
-        super().__post_init__(**kwargs)
-
-    def validate_architecture(self):
-        """Part of `@strict` validation: LLaMA's checks, then the routing fields."""
-        super().validate_architecture()
-        if isinstance(self.num_experts, bool) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 <= self.router_jitter_noise < 1:
-            raise ValueError(f"router_jitter_noise must lie in [0, 1), got {self.router_jitter_noise!r}")
-        capacity = self.expert_capacity_factor
-        if capacity is not None and (not math.isfinite(capacity) or capacity <= 0):
-            raise ValueError(f"expert_capacity_factor must be None (dropless) or a number > 0, got {capacity!r}")
-        if self.expert_output_scaling not in EXPERT_OUTPUT_SCALINGS:
-            raise ValueError(
-                f"expert_output_scaling must be one of {list(EXPERT_OUTPUT_SCALINGS)}, "
-                f"got {self.expert_output_scaling!r}"
-            )
-        if self.mlp_bias:
-            raise ValueError("mlp_bias must be False for pnet_llama: experts have no bias (the paper's counts)")
+    def __setattr__(self, name, value):
+        rule = FIELD_RULES.get(name)
+        super().__setattr__(name, value if rule is None else rule(name, value))
 
 
 def _strict_errors_as_value_errors(init):
@@ -128,4 +179,4 @@ def _strict_errors_as_value_errors(init):
 PNetLlamaConfig.__init__ = _strict_errors_as_value_errors(PNetLlamaConfig.__init__)
 PNetLlamaConfig.register_for_auto_class()
 
-__all__ = ["PNetLlamaConfig", "MOE_PROJECTION_NAMES", "EXPERT_OUTPUT_SCALINGS"]
+__all__ = ["PNetLlamaConfig", "MOE_PROJECTION_NAMES", "EXPERT_OUTPUT_SCALINGS", "TRANSFORMERS_REQUIREMENT"]

@@ -5,7 +5,10 @@ Each routed projection (gate, up and/or down) holds `num_experts` weight matrice
 expert per token and the expert's output is multiplied by the router probability, so the per-token compute equals
 the dense projection's while the parameter count grows about `num_experts`-fold for that projection.
 
-Attention, RMSNorm and rotary embeddings are LLaMA's, imported from `transformers`.
+Everything else is transformers' LLaMA, inherited rather than copied: the decoder layer, the model (embeddings,
+cache, positions, masks, the layer loop) and the heads' plumbing come from `LlamaDecoderLayer`, `LlamaModel`,
+`LlamaForCausalLM` and `LlamaForSequenceClassification` of the transformers release that runs this file. This file
+defines only what ParameterNet changes: the MLP (routers, `ExpertLinear`), the router losses and the output types.
 """
 
 import math
@@ -17,21 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import (
+    ModelOutput,
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, maybe_install_capturing_hooks
 
 from .configuration_pnet_llama import PNetLlamaConfig
 
@@ -90,20 +97,135 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
     return math.ceil(num_tokens / num_experts * capacity_factor)
 
 
-def _grouped_mm_supported(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands (torch 2.13): one dtype for both, CPU fp32/bf16/fp16 or CUDA bf16,
-    and on both rows of a multiple of 16 bytes (the backward kernels reject other strides)."""
-    if not hasattr(F, "grouped_mm"):
+def _use_grouped_mm(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands. The rules transformers applies to its own experts
+    (`transformers.integrations.moe._can_use_grouped_mm`): under `torch.compile` / `torch.export` only bfloat16 (the
+    fake-tensor rule rejects other dtypes); on CUDA bfloat16 on compute capability >= 8.0; on CPU float32, bfloat16
+    and float16. Ours on top: one dtype for both operands, and rows of a multiple of 16 bytes (the CPU backward
+    kernels reject other strides)."""
+    dtype = hidden_states.dtype
+    if not hasattr(F, "grouped_mm") or weight.dtype != dtype:
         return False
-    if hidden_states.device.type == "cpu":
-        dtype_ok = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif hidden_states.device.type == "cuda":
-        dtype_ok = hidden_states.dtype == torch.bfloat16
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False
+    if weight.device.type == "cuda":
+        supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    elif weight.device.type == "cpu":
+        supported = dtype in (torch.float32, torch.bfloat16, torch.float16)
     else:
         return False
     row_bytes = hidden_states.element_size()
-    rows_aligned = (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
-    return dtype_ok and weight.dtype == hidden_states.dtype and rows_aligned
+    return supported and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
+
+
+def _per_expert_mm(sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm`'s result computed expert by expert: rows `[end_offsets[e-1], end_offsets[e])` times
+    `weight[e].T`. weight: (num_experts, out_features, in_features)."""
+    output = sorted_states.new_empty(sorted_states.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(end_offsets.tolist()):  # one host sync for all experts
+        torch.mm(sorted_states[start:end], weight[expert].T, out=output[start:end])
+        start = end
+    return output
+
+
+def _per_expert_mm_backward(
+    sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor, grad_output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_states = torch.empty_like(sorted_states)
+    grad_weight = torch.zeros_like(weight)  # experts without tokens get zero gradient
+    start = 0
+    for expert, end in enumerate(end_offsets.tolist()):
+        torch.mm(grad_output[start:end], weight[expert], out=grad_states[start:end])
+        torch.mm(grad_output[start:end].T, sorted_states[start:end], out=grad_weight[expert])
+        start = end
+    return grad_states, grad_weight
+
+
+# The fallback is a custom operator so that `torch.compile(fullgraph=True)` and `torch.export` treat its data-dependent
+# loop as one opaque node (transformers registers its own experts fallback the same way). A folder's copy of this file
+# loaded with trust_remote_code may run beside the installed package: register once per process.
+if not hasattr(torch.ops.pnet, "per_expert_mm"):
+    torch.library.custom_op("pnet::per_expert_mm", _per_expert_mm, mutates_args=())
+    torch.library.custom_op("pnet::per_expert_mm_backward", _per_expert_mm_backward, mutates_args=())
+
+    @torch.library.register_fake("pnet::per_expert_mm")
+    def _(sorted_states, weight, end_offsets):
+        return sorted_states.new_empty(sorted_states.shape[0], weight.shape[1])
+
+    @torch.library.register_fake("pnet::per_expert_mm_backward")
+    def _(sorted_states, weight, end_offsets, grad_output):
+        return torch.empty_like(sorted_states), torch.empty_like(weight)
+
+    def _setup_context(ctx, inputs, output):
+        sorted_states, weight, end_offsets = inputs
+        ctx.save_for_backward(sorted_states, weight, end_offsets)
+
+    def _backward(ctx, grad_output):
+        sorted_states, weight, end_offsets = ctx.saved_tensors
+        grad_states, grad_weight = torch.ops.pnet.per_expert_mm_backward(
+            sorted_states, weight, end_offsets, grad_output.contiguous()
+        )
+        return grad_states, grad_weight, None
+
+    torch.library.register_autograd("pnet::per_expert_mm", _backward, setup_context=_setup_context)
+
+
+def grouped_linear(sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `sorted_states` grouped by expert (group e ends at `end_offsets[e]`, int32) times their expert's
+    `weight[e].T`: one `F.grouped_mm` where it takes the operands, else the per-expert custom operator. Both are
+    differentiable and traceable by `torch.compile` / `torch.export`."""
+    if _use_grouped_mm(sorted_states, weight):
+        return F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
+    return torch.ops.pnet.per_expert_mm(sorted_states, weight, end_offsets)
+
+
+class _PermutedGroupedLinear(torch.autograd.Function):
+    """`y[t] = W[e_t] x[t]` for tokens `order`-sorted by expert: gather, one grouped matmul, scatter back.
+
+    The eager training path. Autograd's own composition of the same three ops would, in backward, zero-fill and
+    scatter-add the input gradient through `index_select`'s backward and keep both row permutations as separate
+    buffers; `order` is a permutation, so both backward permutations are plain gathers here, and the backward is two
+    grouped matmuls (input and weight gradients) over the already-sorted rows."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, order, inverse_order, end_offsets):
+        sorted_states = hidden_states.index_select(0, order)
+        grouped = _use_grouped_mm(sorted_states, weight)
+        if grouped:
+            sorted_out = F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
+        else:
+            sorted_out = _per_expert_mm(sorted_states, weight, end_offsets)
+        ctx.grouped = grouped
+        ctx.save_for_backward(sorted_states, weight, order, inverse_order, end_offsets)
+        return sorted_out.index_select(0, inverse_order)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        sorted_states, weight, order, inverse_order, end_offsets = ctx.saved_tensors
+        grad_sorted = grad_output.index_select(0, order)  # contiguous, whatever the upstream strides
+        if not ctx.grouped:
+            grad_states, grad_weight = _per_expert_mm_backward(sorted_states, weight, end_offsets, grad_sorted)
+            return grad_states.index_select(0, inverse_order), grad_weight, None, None, None
+        grad_states = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_states = F.grouped_mm(grad_sorted, weight, offs=end_offsets).index_select(0, inverse_order)
+        if ctx.needs_input_grad[1]:  # (E, out, T_e) x (T_e, in) per expert; experts without tokens get zeros
+            grad_weight = F.grouped_mm(grad_sorted.transpose(0, 1), sorted_states, offs=end_offsets)
+        return grad_states, grad_weight, None, None, None
+
+
+def permuted_grouped_linear(
+    hidden_states: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, end_offsets: torch.Tensor
+) -> torch.Tensor:
+    """`y[t] = weight[e_t] @ hidden_states[t]` where `order` sorts the tokens by expert (stable) and expert e's
+    sorted rows end at `end_offsets[e]` (int32)."""
+    num_tokens = hidden_states.shape[0]
+    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
+    if torch.compiler.is_compiling():  # traceable ops: the autograd.Function above calls grouped_mm directly
+        sorted_out = grouped_linear(hidden_states.index_select(0, order), weight, end_offsets)
+        return sorted_out.index_select(0, inverse_order)
+    return _PermutedGroupedLinear.apply(hidden_states, weight, order, inverse_order, end_offsets)
 
 
 class ExpertLinear(nn.Module):
@@ -111,10 +233,9 @@ class ExpertLinear(nn.Module):
     through the one expert its router chose.
 
     Training / prefill path (dropless): tokens are sorted by expert (stable, so within an expert they keep their
-    order, which is also the capacity priority) and multiplied in one `F.grouped_mm` whose `offs` are the cumulative
-    int32 end offsets of each expert's rows; experts that get no tokens have empty groups. Where `grouped_mm` is
-    missing or rejects the dtype/device, the same sorted layout is multiplied expert by expert (a correct fallback).
-    Single-token decode path: the chosen expert's weight is a view `weight[e]` and one `F.linear` - no sorting.
+    order, which is also the capacity priority) and multiplied in one grouped matmul whose offsets are the
+    cumulative int32 end offsets of each expert's rows; experts that get no tokens have empty groups.
+    Single-token decode path: one linear map with the chosen expert's weight, no sorting.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, capacity_factor: float | None):
@@ -136,12 +257,10 @@ class ExpertLinear(nn.Module):
         expert_scale = expert_scale.to(hidden_states.dtype)
         if self.num_experts == 1 and self.capacity_factor is None:
             return F.linear(hidden_states, self.weight[0]) * expert_scale[:, None]
-        if num_tokens == 1:
-            # Decode: one token, one expert, whose weight is a view (indexing reads the index on the host); a capacity
-            # of ceil(1 / E * factor) >= 1 never drops it. Under autocast F.linear casts just that expert.
-            return F.linear(hidden_states, self.weight[expert_index[0]]) * expert_scale[:, None]
-        # F.grouped_mm is not on autocast's op list (F.linear is): cast the weight as autocast would, or the bf16
-        # activation meets the fp32 master weight.
+        if num_tokens == 1:  # decode; a capacity of ceil(1 / E * factor) >= 1 never drops the token
+            return self._single_token(hidden_states, expert_index) * expert_scale[:, None]
+        # The grouped matmul is not on autocast's op list (F.linear is): cast the weight as autocast would, or the
+        # bf16 activation meets the fp32 master weight.
         weight = self.weight.to(hidden_states.dtype) if autocast else self.weight
 
         order = torch.argsort(expert_index, stable=True)
@@ -162,16 +281,21 @@ class ExpertLinear(nn.Module):
         scale_input = self.in_features <= self.out_features
         if scale_input:
             hidden_states = hidden_states * expert_scale[:, None]
-        # index_select (not x[order]): the dedicated gather kernel is several times faster on CPU.
-        sorted_states = hidden_states.index_select(0, order)
-        if _grouped_mm_supported(hidden_states, weight):
-            sorted_out = F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets.to(torch.int32))
-        else:
-            chunks = sorted_states.split(tokens_per_expert.tolist())
-            sorted_out = torch.cat([F.linear(chunk, weight[e]) for e, chunk in enumerate(chunks)])
-        inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
-        output = sorted_out.index_select(0, inverse_order)
+        output = permuted_grouped_linear(hidden_states, weight, order, end_offsets.to(torch.int32))
         return output if scale_input else output * expert_scale[:, None]
+
+    def _single_token(self, hidden_states: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        """One token through its expert, at the cost of one dense projection. On the CPU the expert's weight is a
+        view (reading the index on the host syncs with nothing there). Elsewhere, and in compiled graphs, without a
+        host sync (static caches, CUDA graphs): a grouped matmul whose only non-empty group is that expert, or where
+        grouped_mm does not take the operands (e.g. fp32 master weights under autocast, which F.linear casts), a
+        gather of that one expert."""
+        if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
+            return F.linear(hidden_states, self.weight[expert_index.item()])
+        if _use_grouped_mm(hidden_states, self.weight):
+            end_offsets = (torch.arange(self.num_experts, device=expert_index.device) >= expert_index).to(torch.int32)
+            return F.grouped_mm(hidden_states, self.weight.transpose(-2, -1), offs=end_offsets)
+        return F.linear(hidden_states, self.weight.index_select(0, expert_index)[0])
 
     def extra_repr(self) -> str:
         return (
@@ -220,7 +344,7 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decoder
+# MLP
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -277,44 +401,17 @@ class PNetLlamaMLP(nn.Module):
         return ["shared"] if self.shared_router else list(self.moe_projections)
 
 
-class PNetLlamaDecoderLayer(GradientCheckpointingLayer):
-    """LLaMA's pre-norm decoder layer with a `PNetLlamaMLP`."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PNetLlamaDecoderLayer(LlamaDecoderLayer):
+    """LLaMA's decoder layer (attention, norms, forward: inherited) whose MLP is a `PNetLlamaMLP`."""
 
     def __init__(self, config: PNetLlamaConfig, layer_idx: int):
-        super().__init__()
-        self.hidden_size = config.hidden_size
-        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        super().__init__(config, layer_idx)
         self.mlp = PNetLlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -352,6 +449,14 @@ class PNetSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
+def _as_output(output_class: type[ModelOutput], base_outputs: ModelOutput, **fields) -> ModelOutput:
+    """`output_class` holding `fields` plus every field of `base_outputs` (the base model's output) that it declares:
+    the cache travels under whatever name this transformers release gives it (`past_key_values`, or `cache` from
+    5.24 on), without this file naming it."""
+    carried = {key: value for key, value in base_outputs.items() if key in output_class.__dataclass_fields__}
+    return output_class(**{**carried, **fields})
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,28 +468,26 @@ _AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_pnet_llama.PNetLlamaForSequenceClassification",
 }
 
-# Checkpoint keys that must never be random-initialised on load: routers and (expert) FFN weights.
-_FFN_KEY_MARKER = ".mlp."
 
-
-class PNetLlamaPreTrainedModel(PreTrainedModel):
-    """Weight init, checkpoint checks and output capture (router logits by hooks on `TopOneRouter`) shared by the
-    PNet-LLaMA heads."""
+class PNetLlamaPreTrainedModel(LlamaPreTrainedModel):
+    """LLaMA's pretrained-model base plus what the routed projections need: weight init of experts and routers,
+    router-logit capture (an `OutputRecorder` hook on every `TopOneRouter`), the router losses, and loading that
+    refuses to random-initialise routers or experts."""
 
     config: PNetLlamaConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["PNetLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_record_outputs = {
+        **LlamaPreTrainedModel._can_record_outputs,
         "router_logits": OutputRecorder(TopOneRouter, index=0),
-        "hidden_states": PNetLlamaDecoderLayer,
-        "attentions": LlamaAttention,
     }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The parent initialises Linear/Embedding/RMSNorm and recomputes the rotary buffers (without this call
+        # `inv_freq` is garbage after `from_pretrained`).
+        super()._init_weights(module)
+        if isinstance(module, (ExpertLinear, TopOneRouter)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers records in `auto_map` only the class being saved; this one modeling file serves every head,
@@ -393,10 +496,45 @@ class PNetLlamaPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks router or expert weights (or holds them
+        in another shape, e.g. saved with another `num_experts`): those would be random-initialised silently. Other
+        missing weights get transformers' usual report."""
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        routed = {
+            f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (ExpertLinear, TopOneRouter))
+        }
+        missing = sorted(key for key in loading_info["missing_keys"] if key in routed)
+        mismatched = sorted(
+            f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(shape)}"
+            for key, ckpt, shape in loading_info["mismatched_keys"]
+            if key in routed
+        )
+        if missing or mismatched:
+            config = model.config
+            raise ValueError(
+                f"checkpoint does not match this PNet-LLaMA config (num_experts={config.num_experts}, "
+                f"moe_projections={config.moe_projections}, shared_router={config.shared_router}); refusing to "
+                f"random-initialise routers or experts. Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. "
+                "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
+            )
+        return (model, loading_info) if return_loading_info else model
+
     def router_losses(
         self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None, seq_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled (load-balancing loss, z-loss) over the non-padding tokens, averaged over routers."""
+        if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:
+            if any(module.weight.requires_grad for module in self.modules() if isinstance(module, TopOneRouter)):
+                raise ValueError(
+                    "the router logits were recorded without gradient, so the router losses would not train the "
+                    "routers: reentrant gradient checkpointing (use_reentrant=True) runs each layer's first forward "
+                    "without autograd and records its outputs detached. Use non-reentrant checkpointing, "
+                    "transformers' default: gradient_checkpointing_kwargs={'use_reentrant': False}."
+                )
         token_mask = _token_mask(attention_mask, seq_len)
         return load_balancing_loss(router_logits, token_mask), router_z_loss(router_logits, token_mask)
 
@@ -408,41 +546,22 @@ class PNetLlamaPreTrainedModel(PreTrainedModel):
             + self.config.router_z_loss_coef * z_loss.to(task_loss.device)
         )
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        # The parent initialises Linear/Embedding/RMSNorm and recomputes the rotary buffers (v5: without this call
-        # `inv_freq` is garbage after `from_pretrained`).
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, (ExpertLinear, TopOneRouter)):
-            init.normal_(module.weight, mean=0.0, std=std)
 
-    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
-        """Fail loudly instead of random-initialising routers or experts that a checkpoint lacks or whose shape
-        differs (e.g. a folder saved with another `num_experts`)."""
-        super()._adjust_missing_and_unexpected_keys(loading_info)
-        missing = sorted(key for key in loading_info.missing_keys if _FFN_KEY_MARKER in key)
-        mismatched = sorted(
-            f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(model)}"
-            for key, ckpt, model in loading_info.mismatched_keys
-            if _FFN_KEY_MARKER in key
-        )
-        if missing or mismatched:
-            raise ValueError(
-                "checkpoint does not match this PNet-LLaMA config (num_experts="
-                f"{self.config.num_experts}, moe_projections={self.config.moe_projections}, "
-                f"shared_router={self.config.shared_router}); refusing to random-initialise FFN weights. "
-                f"Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. "
-                "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama."
-            )
+def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """The (batch, seq_len) 0/1 mask of the current tokens from a 2-D attention mask that may also cover the cache."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:]
 
 
-class PNetLlamaModel(PNetLlamaPreTrainedModel):
-    """The decoder stack: embeddings, `num_hidden_layers` `PNetLlamaDecoderLayer`s, final RMSNorm."""
+class PNetLlamaModel(PNetLlamaPreTrainedModel, LlamaModel):
+    """LLaMA's decoder stack (embeddings, cache, positions, masks, layer loop, final norm: `LlamaModel.forward`)
+    built from `PNetLlamaDecoderLayer`s."""
 
     def __init__(self, config: PNetLlamaConfig):
-        super().__init__(config)
+        # The modules of LlamaModel.__init__, with PNet decoder layers (calling it would first build and initialise
+        # a dense decoder stack only to replace it: seconds and gigabytes at 1B scale).
+        super(LlamaModel, self).__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -453,73 +572,25 @@ class PNetLlamaModel(PNetLlamaPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+        # Every training step records the router logits (they feed the loss): install the recording hooks now, not
+        # lazily inside the first forward, where the installation lock breaks `torch.compile(fullgraph=True)`.
+        maybe_install_capturing_hooks(self)
+
+    def forward(self, *args, **kwargs) -> PNetModelOutputWithPast:
+        """`LlamaModel.forward` (same arguments); `output_router_logits=True` also returns the router logits."""
+        outputs = super().forward(*args, **kwargs)
+        return _as_output(PNetModelOutputWithPast, outputs) if isinstance(outputs, ModelOutput) else outputs
 
     def router_names(self) -> list[str]:
         """One name per entry of `router_logits`, e.g. `layers.3.mlp.down` (`layers.3.mlp.shared` when shared)."""
         return [f"layers.{i}.mlp.{name}" for i, layer in enumerate(self.layers) for name in layer.mlp.router_names()]
 
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> PNetModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
-        hidden_states = self.norm(hidden_states)
-        return PNetModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
-
-
-def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """The (batch, seq_len) 0/1 mask of the current tokens from a 2-D attention mask that may also cover the cache."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    return attention_mask[:, -seq_len:]
-
-
-class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
-    """`PNetLlamaModel` with an LM head; training loss = LM loss + weighted router losses; `from_llama` upcycles."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM):
+    """`PNetLlamaModel` with LLaMA's LM head; training loss = LM loss + weighted router losses; `from_llama` upcycles."""
 
     def __init__(self, config: PNetLlamaConfig):
-        super().__init__(config)
+        super(LlamaForCausalLM, self).__init__(config)  # LlamaForCausalLM.__init__ would build a dense LlamaModel
         self.model = PNetLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -531,7 +602,6 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -540,6 +610,10 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> PNetCausalLMOutputWithPast:
         r"""
+        The arguments of `LlamaForCausalLM.forward`. The cache (`cache=` from transformers 5.24 on, `past_key_values=`
+        before) reaches `LlamaModel` through `kwargs` under the name the caller used, and comes back in the output
+        under this release's name.
+
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside the loss); -100 is ignored. When given, `loss` includes the router
             losses: lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
@@ -553,14 +627,14 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=need_router_logits,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        # Logits only where needed: an int keeps the last n positions (0: all), a tensor selects positions.
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, positions, :])
 
         aux_loss = z_loss = None
         if need_router_logits:
@@ -571,22 +645,21 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = self.add_router_losses(lm_loss, aux_loss, z_loss)
-        return PNetCausalLMOutputWithPast(
+        return _as_output(
+            PNetCausalLMOutputWithPast,
+            outputs,
             loss=loss,
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
 
     @classmethod
     def from_llama(
         cls,
-        dense_model_or_path: "PreTrainedModel | str",
+        dense_model_or_path: "nn.Module | str",
         num_experts: int = 8,
         moe_projections: list[str] | tuple[str, ...] = ("down",),
         **config_overrides,
@@ -640,12 +713,14 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, GenerationMixin):
         return model
 
 
-class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
-    """`PNetLlamaModel` with a linear head on the last non-padding token (as `LlamaForSequenceClassification`);
-    the training loss adds the router losses as in `PNetLlamaForCausalLM`."""
+class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSequenceClassification):
+    """`PNetLlamaModel` with LLaMA's classification head on the last non-padding token; the training loss adds the
+    router losses as in `PNetLlamaForCausalLM`."""
 
     def __init__(self, config: PNetLlamaConfig):
-        super().__init__(config)
+        # transformers' generic head builds its backbone through AutoModel.from_config, which does not resolve a
+        # remote-code config to this file's classes: build it directly.
+        super(GenericForSequenceClassification, self).__init__(config)
         self.num_labels = config.num_labels
         self.model = PNetLlamaModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
@@ -657,7 +732,6 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -665,6 +739,8 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> PNetSequenceClassifierOutputWithPast:
         r"""
+        The arguments of `LlamaForSequenceClassification.forward` (a cache passes through `kwargs`).
+
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or regression targets with `num_labels == 1`); `problem_type` picks the loss as in
             transformers. `loss` = task loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
@@ -673,10 +749,9 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
         outputs: PNetModelOutputWithPast = self.model(
-            input_ids,
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=need_router_logits,
@@ -708,15 +783,14 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel):
                 logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
             )
             loss = self.add_router_losses(task_loss, aux_loss, z_loss)
-        return PNetSequenceClassifierOutputWithPast(
+        return _as_output(
+            PNetSequenceClassifierOutputWithPast,
+            outputs,
             loss=loss,
             task_loss=task_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
 
@@ -728,6 +802,7 @@ PNetLlamaForSequenceClassification.register_for_auto_class("AutoModelForSequence
 __all__ = [
     "ExpertLinear",
     "PNetCausalLMOutputWithPast",
+    "PNetLlamaDecoderLayer",
     "PNetLlamaForCausalLM",
     "PNetLlamaForSequenceClassification",
     "PNetLlamaMLP",
@@ -737,6 +812,7 @@ __all__ = [
     "PNetSequenceClassifierOutputWithPast",
     "TopOneRouter",
     "expert_capacity",
+    "grouped_linear",
     "load_balancing_loss",
     "router_z_loss",
 ]

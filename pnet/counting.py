@@ -1,7 +1,7 @@
 """`pnet-count`: total / active parameters and forward FLOPs of a model config, the paper's arithmetic.
 
 One entry point for both families; the family-specific arithmetic lives in `pnet.llama_counting`
-(PNet-LLaMA, Table 7) and `pnet.vision_counting` (GhostNet / ParameterNet, Tables 2 and 4).
+(PNet-LLaMA, Table 7) and `pnet.vision_counting` (GhostNet / ParameterNet / RepConv / Swin, Tables 2, 4, 5, 6).
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field
+
+# Vision model types (counted by `pnet.vision_counting`, imported lazily: it imports torch and the models).
+VISION_MODEL_TYPES = ("parameternet", "swin", "pnet_swin")
 
 
 @dataclass
@@ -48,12 +51,13 @@ def count_config(path: str, **kwargs) -> CountReport:
         from pnet.llama_counting import count_llama
 
         return count_llama(config, name=name, **kwargs)
-    if model_type == "parameternet":
-        from pnet.vision_counting import count_parameternet
+    if model_type in VISION_MODEL_TYPES:
+        from pnet.vision_counting import count_vision
 
-        return count_parameternet(config, name=name, **kwargs)
+        return count_vision(config, name=name, **kwargs)
     raise ValueError(
-        f"model_type {model_type!r} in {path!r} is not countable; allowed: 'pnet_llama', 'llama', 'parameternet'"
+        f"model_type {model_type!r} in {path!r} is not countable; allowed: 'pnet_llama', 'llama', "
+        + ", ".join(repr(t) for t in VISION_MODEL_TYPES)
     )
 
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for path in args.configs:
         model_type = load_config_dict(path).get("model_type")
-        if model_type == "parameternet":
+        if model_type in VISION_MODEL_TYPES:
             options = {} if args.image_size is None else {"image_size": args.image_size}
         else:
             options = {} if args.seq_len is None else {"seq_len": args.seq_len}

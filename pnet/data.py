@@ -2,11 +2,17 @@
 
 One code path for Hub datasets and local files: every source is opened with
 ``datasets.load_dataset(path, name=config, data_files=..., split=..., streaming=True)`` where ``path`` is a
-Hub id (``allenai/c4``) or a packaged builder (``json``, ``parquet``) reading local ``data_files``.
+Hub id (``allenai/c4``) or a packaged builder (``parquet``, ``csv``, ...) reading local ``data_files``. JSON Lines
+(``path: json``) are read line by line with the ``text`` builder and parsed here, one record per line: a malformed
+line or a record whose text field is missing, null or not a string is then an error naming the file, the line and
+the field (found by `check_records` when the source is opened, before training), or, with
+``data.on_bad_record: skip``, a record skipped and counted (``PackedBatchIterator.skipped_records``, in the log),
+instead of a pyarrow error for a whole 10 MB chunk.
 
 Pipeline per rank (``build_train_stream``)::
 
-    source_i: load_dataset(streaming) -> [skip] -> [shuffle(buffer)] -> split_dataset_by_node(rank)
+    source_i: load_dataset(streaming) -> map(record -> {"text": str | None, "bad": bool}) -> [skip]
+              -> [shuffle(buffer)] -> split_dataset_by_node(rank)
               -> map(tokenise + append EOS + pack into seq_len blocks)
     interleave_datasets(sources, probabilities=weights, seed, stopping_strategy)
 
@@ -28,9 +34,11 @@ keeps going on the remaining sources, so late shares drift from the weights.
 
 from __future__ import annotations
 
-import glob
+import functools
+import gzip
+import json
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -38,104 +46,13 @@ from datasets import IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-# Packaged `datasets` builders that read local `data_files`; their files are checked before training.
-LOCAL_BUILDERS = ("json", "parquet", "csv", "text", "arrow")
-STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
+from pnet.config import SourceConfig, TextDataConfig
+
+MAX_BAD_RECORD_EXAMPLES = 5  # locations listed in the log when bad records are skipped
 
 
-def dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build dataclass ``cls`` from ``values``, raising on unknown or missing keys (naming them)."""
-    if not isinstance(values, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(values).__name__} {values!r}")
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {allowed}")
-    missing = [f.name for f in fields(cls)
-               if f.default is MISSING and f.default_factory is MISSING and f.name not in values]
-    if missing:
-        raise ValueError(f"{where}: missing required key(s) {missing}")
-    values = dict(values)
-    for f in fields(cls):
-        # YAML 1.1 reads "3e-4" (no dot) as a string; accept it for float fields.
-        if f.type in ("float", "float | None") and isinstance(values.get(f.name), str):
-            try:
-                values[f.name] = float(values[f.name])
-            except ValueError:
-                raise ValueError(f"{where}.{f.name} must be a number, got {values[f.name]!r}") from None
-    return cls(**values)
-
-
-@dataclass
-class SourceConfig:
-    """One text source of the mix: a Hub dataset or local files, with its mixing weight."""
-
-    path: str  # Hub id ("allenai/c4") or packaged builder for local files ("json", "parquet")
-    weight: float  # share of training tokens (normalised over sources)
-    config: str | None = None  # dataset config name, e.g. "en" for allenai/c4
-    data_files: dict[str, str | list[str]] | None = None  # {split: glob or list of globs}
-    train_split: str = "train"
-    validation_split: str | None = "validation"  # None: no validation loss for this domain
-    text_field: str = "text"
-    train_skip_docs: int = 0  # documents skipped at the start of train_split (held out for validation)
-    validation_take_docs: int | None = None  # documents read from validation_split (None: all)
-    shuffle_buffer: int = 0  # streaming shuffle buffer (documents); 0 keeps the stored order
-
-    def check(self, name: str) -> None:
-        """Raise a clear error for bad values and, for local builders, missing data files."""
-        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
-            raise ValueError(f"data.sources.{name}.weight must be a positive number, got {self.weight!r}")
-        if self.train_skip_docs < 0 or self.shuffle_buffer < 0:
-            raise ValueError(f"data.sources.{name}: train_skip_docs and shuffle_buffer must be >= 0")
-        if self.path in LOCAL_BUILDERS:
-            if not self.data_files:
-                raise ValueError(f"data.sources.{name}: builder {self.path!r} needs data_files {{split: glob}}")
-            splits = [self.train_split] + ([self.validation_split] if self.validation_split else [])
-            for split in splits:
-                if split not in self.data_files:
-                    raise ValueError(f"data.sources.{name}.data_files has no {split!r} entry; "
-                                     f"it has {sorted(self.data_files)}")
-                patterns = self.data_files[split]
-                for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                    if not glob.glob(os.path.expanduser(pattern)):
-                        raise FileNotFoundError(f"data.sources.{name}.data_files[{split!r}]: no file matches "
-                                                f"{pattern!r} (relative to {os.getcwd()})")
-
-
-@dataclass
-class DataConfig:
-    """The pretraining data mix: tokenizer, sequence length and the weighted sources."""
-
-    tokenizer: str  # local folder or Hub id, loaded with AutoTokenizer
-    seq_len: int
-    sources: dict[str, SourceConfig]
-    stopping_strategy: str = "first_exhausted"
-    pack_group_docs: int = 64  # documents packed together; the last partial block of each group is dropped
-    validation_sequences: int = 16  # packed sequences per domain used for the validation loss
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        config = dataclass_from_dict(cls, values, "data")
-        if not isinstance(config.sources, dict) or not config.sources:
-            raise ValueError("data.sources must be a non-empty mapping {domain_name: source}")
-        config.sources = {name: dataclass_from_dict(SourceConfig, spec, f"data.sources.{name}")
-                          for name, spec in config.sources.items()}
-        return config
-
-    def check(self) -> None:
-        """Validate values and local files (no data is read)."""
-        if self.stopping_strategy not in STOPPING_STRATEGIES:
-            raise ValueError(f"data.stopping_strategy {self.stopping_strategy!r} not in {STOPPING_STRATEGIES}")
-        for key in ("seq_len", "pack_group_docs", "validation_sequences"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"data.{key} must be a positive integer, got {getattr(self, key)!r}")
-        for name, source in self.sources.items():
-            source.check(name)
-
-    def weights(self) -> dict[str, float]:
-        """Normalised mixing weights (token shares)."""
-        total = sum(s.weight for s in self.sources.values())
-        return {name: s.weight / total for name, s in self.sources.items()}
+class DataRecordError(ValueError):
+    """A data record the pipeline cannot use; the message names the file, the line and the field."""
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -146,66 +63,218 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def open_source(name: str, source: SourceConfig, split: str) -> IterableDataset:
-    """Stream one split of a source as examples ``{text_field: str}``; errors if it is empty or lacks the field."""
-    try:  # the json builder already reads the first rows to infer features, so an empty file stops here
+# ------------------------------------------------------------------------------------------- record checks
+
+def record_problem(record: Any, text_field: str) -> str | None:
+    """Why ``record`` (a parsed JSON value / a row) has no usable text, or None when it has."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    if text_field not in record:
+        return f"no field {text_field!r} (fields: {sorted(record)})"
+    value = record[text_field]
+    if value is None:
+        return f"field {text_field!r} is null"
+    if not isinstance(value, str):
+        return f"field {text_field!r} is {type(value).__name__} {value!r:.40}, not a string"
+    return None
+
+
+def parse_json_line(line: str, text_field: str) -> tuple[str | None, str | None]:
+    """(text, problem) of one JSON Lines line; a blank line is (None, None)."""
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+    problem = record_problem(record, text_field)
+    return (None, problem) if problem else (record[text_field], None)
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What `check_records` found in one split of a local source."""
+
+    source: str
+    split: str
+    records: int
+    bad: int
+    examples: tuple[str, ...]  # "file, line N: problem" of the first bad records
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_jsonl(path: str, mtime: float, text_field: str) -> tuple[int, int, tuple[str, ...]]:
+    """(records, bad records, first problems) of one JSON Lines file (cached per file version)."""
+    records = bad = 0
+    examples: list[str] = []
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            text, problem = parse_json_line(line, text_field)
+            if text is None and problem is None:
+                continue
+            records += 1
+            if problem:
+                bad += 1
+                if len(examples) < MAX_BAD_RECORD_EXAMPLES:
+                    examples.append(f"{path}, line {number}: {problem}")
+    return records, bad, tuple(examples)
+
+
+def _scan_parquet(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if text_field not in schema.names:
+        return 1, 1, (f"{path}: no column {text_field!r} (columns: {schema.names})",)
+    if not (pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(
+            schema.field(text_field).type)):
+        return 1, 1, (f"{path}: column {text_field!r} has type {schema.field(text_field).type}, not string",)
+    column = pq.read_table(path, columns=[text_field]).column(text_field)
+    nulls = column.null_count
+    examples = ()
+    if nulls:
+        first = column.is_null().to_pylist().index(True)
+        examples = (f"{path}, row {first + 1}: field {text_field!r} is null",)
+    return len(column), nulls, examples
+
+
+def check_records(name: str, source: SourceConfig, split: str, on_bad_record: str = "error") -> RecordCheck | None:
+    """Check every record of a local source's split before any is streamed (None for Hub sources, which can only be
+    checked as they stream). JSON Lines: each line must be a JSON object whose ``text_field`` is a string;
+    parquet: each file must have ``text_field`` as a string column, without nulls. With ``on_bad_record`` "error"
+    the first bad record raises `DataRecordError` naming file, line and field; with "skip" they are counted."""
+    if source.path not in ("json", "parquet"):
+        return None
+    files = source.files(split)
+    records = bad = 0
+    examples: list[str] = []
+    for path in files:
+        if source.path == "json":
+            n, n_bad, found = _scan_jsonl(path, os.path.getmtime(path), source.text_field)
+        else:
+            n, n_bad, found = _scan_parquet(path, source.text_field)
+        records, bad = records + n, bad + n_bad
+        examples += found[:MAX_BAD_RECORD_EXAMPLES - len(examples)]
+        if n_bad and on_bad_record == "error":
+            raise DataRecordError(f"data source {name!r} ({split}): {found[0]}; data.sources.{name}.text_field is "
+                                  f"{source.text_field!r}. Fix the record, or set data.on_bad_record=skip to skip "
+                                  "bad records (they are counted in the log)")
+    if records - bad <= 0:
+        raise ValueError(f"data source {name!r} ({source.path}, split {split!r}) is empty"
+                         + (f": all {records} records are bad" if records else "") + f" (files: {files})")
+    return RecordCheck(name, split, records, bad, tuple(examples))
+
+
+def check_data(config: TextDataConfig) -> list[RecordCheck]:
+    """`check_records` for the training and validation split of every local source."""
+    checks = []
+    for name, source in config.sources.items():
+        for split in dict.fromkeys([source.train_split, source.validation_split]):
+            if split is not None and (check := check_records(name, source, split, config.on_bad_record)):
+                checks.append(check)
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------ streams
+
+def open_source(name: str, source: SourceConfig, split: str, on_bad_record: str = "error") -> IterableDataset:
+    """Stream one split of a source as records ``{"text": str | None, "bad": bool}``: ``text`` None marks a record
+    without usable text (``bad``: a bad record, counted when skipped; not bad: a blank JSON Lines line)."""
+    check_records(name, source, split, on_bad_record)  # local files: every record, before streaming
+    where = f"data source {name!r} ({source.path}, split {split!r})"
+    if source.path == "json":
+        dataset = load_dataset("text", data_files=source.data_files, split=split, streaming=True)
+
+        def to_records(batch: dict[str, list]) -> dict[str, list]:
+            texts, bad = [], []
+            for line in batch["text"]:
+                text, problem = parse_json_line(line, source.text_field)
+                if problem and on_bad_record == "error":  # the file changed after check_records
+                    raise DataRecordError(f"{where}: {problem}")
+                texts.append(text)
+                bad.append(problem is not None)
+            return {"text": texts, "bad": bad}
+
+        return dataset.map(to_records, batched=True, remove_columns=["text"])
+
+    try:  # Hub datasets: the first record shows the columns (an empty split stops here)
         dataset = load_dataset(source.path, name=source.config, data_files=source.data_files, split=split,
                                streaming=True)
         first = next(iter(dataset))
     except StopIteration:
-        raise ValueError(f"data source {name!r} ({source.path}, split {split!r}) is empty") from None
+        raise ValueError(f"{where} is empty") from None
     if source.text_field not in first:
-        raise KeyError(f"data source {name!r}: text_field {source.text_field!r} not in its columns "
-                       f"{sorted(first)}")
-    return dataset.select_columns([source.text_field])
+        raise DataRecordError(f"{where}: text_field {source.text_field!r} is not one of its columns {sorted(first)}")
+
+    def validate(batch: dict[str, list]) -> dict[str, list]:
+        texts, bad = [], []
+        for value in batch[source.text_field]:
+            problem = record_problem({source.text_field: value}, source.text_field)
+            if problem and on_bad_record == "error":
+                raise DataRecordError(f"{where}: a record's {problem}; set data.on_bad_record=skip to skip such "
+                                      "records")
+            texts.append(None if problem else value)
+            bad.append(problem is not None)
+        return {"text": texts, "bad": bad}
+
+    return dataset.select_columns([source.text_field]).map(validate, batched=True,
+                                                           remove_columns=[source.text_field])
 
 
 def tokenize_and_pack(dataset: IterableDataset, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                      text_field: str, group_docs: int, domain: str) -> IterableDataset:
-    """Map documents to ``{"input_ids": seq_len tokens, "domain": name}`` blocks (doc EOS doc EOS ...)."""
+                      group_docs: int, domain: str) -> IterableDataset:
+    """Map records to ``{"input_ids": seq_len tokens, "domain": name, "skipped": bad records}`` blocks
+    (doc EOS doc EOS ...); a group's skipped bad records are counted on its first block."""
     eos = tokenizer.eos_token_id
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
         ids: list[int] = []
-        for doc in tokenizer(batch[text_field], add_special_tokens=False, verbose=False)["input_ids"]:
+        texts = [text for text in batch["text"] if text is not None]
+        for doc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []:
             ids.extend(doc)
             ids.append(eos)
         blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-        return {"input_ids": blocks, "domain": [domain] * len(blocks)}
+        skipped = [0] * len(blocks)
+        if blocks:
+            skipped[0] = sum(batch["bad"])
+        return {"input_ids": blocks, "domain": [domain] * len(blocks), "skipped": skipped}
 
-    return dataset.map(pack, batched=True, batch_size=group_docs, remove_columns=[text_field])
+    return dataset.map(pack, batched=True, batch_size=group_docs, remove_columns=["text", "bad"])
 
 
-def build_train_stream(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, rank: int = 0,
+def build_train_stream(config: TextDataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, rank: int = 0,
                        world_size: int = 1) -> IterableDataset:
     """The interleaved, packed training stream of one rank (ranks read disjoint documents)."""
     streams = []
     for name, source in config.sources.items():
-        dataset = open_source(name, source, source.train_split)
+        dataset = open_source(name, source, source.train_split, config.on_bad_record)
         if source.train_skip_docs:
             dataset = dataset.skip(source.train_skip_docs)
         if source.shuffle_buffer:
             dataset = dataset.shuffle(seed=seed, buffer_size=source.shuffle_buffer)
         # Whole shards per rank when n_shards % world_size == 0, else every world_size-th document.
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        streams.append(tokenize_and_pack(dataset, tokenizer, config.seq_len, source.text_field,
-                                         config.pack_group_docs, name))
+        streams.append(tokenize_and_pack(dataset, tokenizer, config.seq_len, config.pack_group_docs, name))
     weights = config.weights()
     return interleave_datasets(streams, probabilities=[weights[name] for name in config.sources], seed=seed,
                                stopping_strategy=config.stopping_strategy)
 
 
-def build_validation_sets(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+def build_validation_sets(config: TextDataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Per domain, the first ``validation_sequences`` packed sequences of its validation split, (N, seq_len)."""
     sets = {}
     for name, source in config.sources.items():
         if source.validation_split is None:
             continue
-        dataset = open_source(name, source, source.validation_split)
+        dataset = open_source(name, source, source.validation_split, config.on_bad_record)
         if source.validation_take_docs is not None:
             dataset = dataset.take(source.validation_take_docs)
-        packed = tokenize_and_pack(dataset, tokenizer, config.seq_len, source.text_field,
-                                   config.pack_group_docs, name)
+        packed = tokenize_and_pack(dataset, tokenizer, config.seq_len, config.pack_group_docs, name)
         rows = [example["input_ids"] for example, _ in zip(packed, range(config.validation_sequences))]
         if not rows:
             raise ValueError(f"validation split of {name!r} has fewer than {config.seq_len} tokens")
@@ -222,13 +291,15 @@ class PackedBatchIterator:
     """Micro-batches ``(batch_size, seq_len)`` from a packed stream, with an exactly resumable position.
 
     ``state_dict()`` is the stream's ``IterableDataset.state_dict()`` after the last batch returned, plus the
-    number of sequences consumed; ``load_state_dict()`` must be called before the first ``next_batch()``.
+    number of sequences consumed, tokens per domain and bad records skipped per domain; ``load_state_dict()`` must
+    be called before the first ``next_batch()``.
     """
 
     dataset: IterableDataset
     batch_size: int
     sequences_consumed: int = 0
     domain_tokens: dict[str, int] = field(default_factory=dict)  # tokens read per domain (this rank)
+    skipped_records: dict[str, int] = field(default_factory=dict)  # bad records skipped per domain (this rank)
     _iterator: Iterator[dict] | None = None
 
     def next_batch(self) -> torch.Tensor:
@@ -243,14 +314,16 @@ class PackedBatchIterator:
                     f"training data exhausted after {self.sequences_consumed} sequences on this rank; lower "
                     "max_steps, add data, or use data.stopping_strategy=all_exhausted") from None
             rows.append(example["input_ids"])
-            self.domain_tokens[example["domain"]] = self.domain_tokens.get(example["domain"], 0) + len(
-                example["input_ids"])
+            domain = example["domain"]
+            self.domain_tokens[domain] = self.domain_tokens.get(domain, 0) + len(example["input_ids"])
+            if example["skipped"]:
+                self.skipped_records[domain] = self.skipped_records.get(domain, 0) + example["skipped"]
             self.sequences_consumed += 1
         return torch.tensor(rows, dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset.state_dict(), "sequences_consumed": self.sequences_consumed,
-                "domain_tokens": dict(self.domain_tokens)}
+                "domain_tokens": dict(self.domain_tokens), "skipped_records": dict(self.skipped_records)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._iterator is not None:
@@ -258,3 +331,4 @@ class PackedBatchIterator:
         self.dataset.load_state_dict(state["dataset"])
         self.sequences_consumed = state["sequences_consumed"]
         self.domain_tokens = dict(state["domain_tokens"])
+        self.skipped_records = dict(state.get("skipped_records", {}))

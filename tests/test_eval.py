@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -323,41 +325,94 @@ def test_model_card_errors(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- SST-2
 
 
-def _finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune_sst2", REPO_ROOT / "scripts" / "finetune_sst2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_finetune_sst2_offline_heldout(tiny_pnet_dir, fixture_data_dir, tmp_path):
     """Offline: 64 validation sentences split 32/32; fitting its own 32 sentences beats chance by far."""
-    finetune = _finetune_module()
-    result = finetune.main(
-        [
-            str(tiny_pnet_dir),
-            "--data-dir",
-            str(fixture_data_dir),
-            "--epochs",
-            "8",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "8",
-            "--warmup-ratio",
-            "0",
-            "--report-train-accuracy",
-            "--output-dir",
-            str(tmp_path / "ft"),
-        ]
-    )
+    from pnet import finetune
+
+    result = finetune.main([str(tiny_pnet_dir), f"data.data_dir={fixture_data_dir}", "epochs=8", "lr=3e-3",
+                            "micro_batch_size=8", "warmup_ratio=0", "report_train_accuracy=true",
+                            f"output_dir={tmp_path / 'ft'}", "save_model=true"])
     assert result["label"] == "SST-2 (held-out half of validation, offline)" and result["offline_heldout"]
     assert result["finetune_examples"] == result["eval_examples"] == 32
     assert result["train_accuracy"] >= 0.9
-    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["config"]["lr"] == 3e-3 and result["config"]["micro_batch_size"] == 8
     assert json.loads((tiny_pnet_dir / "sst2_results.json").read_text()) == result
-    log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.1
+    # The saved classifier's tokenizer pads (a pad token, the model's context length) and carries no load-time keys.
+    saved = json.loads((tmp_path / "ft" / "tokenizer_config.json").read_text())
+    assert saved["pad_token"] == "<unk>" and saved["model_max_length"] == 512 and "local_files_only" not in saved
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["pad_token_id"] == 0
     with pytest.raises(FileNotFoundError, match=r"no sst2/validation.jsonl\[.gz\] under .* it holds"):
-        finetune.main([str(tiny_pnet_dir), "--data-dir", str(tmp_path / "ft")])
+        finetune.main([str(tiny_pnet_dir), f"data.data_dir={tmp_path / 'ft'}"])
+
+
+def test_finetune_settings_are_validated_before_loading(tiny_pnet_dir, tmp_path):
+    from pnet import finetune
+    from pnet.config import ConfigError
+
+    cases = [("micro_batch_size=0", "micro_batch_size=0: Input should be greater than 0"),
+             ("epoch=3", r"unknown key\(s\) \['epoch'\] \('epoch' -> did you mean 'epochs'\?\)"),
+             ("data.heldout_fraction=1.5", "data.heldout_fraction=1.5: Input should be less than 1"),
+             ("data.seq_len=1024", "data.seq_len=1024 exceeds the model's max_position_embeddings=512")]
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            finetune.main([str(tiny_pnet_dir), override, f"output_dir={tmp_path / 'never'}"])
+    assert not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------------------------- no folder code
+
+
+PLANTED = "import pathlib; pathlib.Path({marker!r}).write_text('the folder code ran')\n"
+
+
+def _planted_copy(model_dir: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A copy of a saved folder whose own modeling code would write a marker file when executed."""
+    folder, marker = tmp_path / name, tmp_path / f"{name}.ran"
+    shutil.copytree(model_dir, folder)
+    for code in ("modeling_pnet_llama.py", "configuration_pnet_llama.py"):
+        path = folder / code
+        path.write_text(PLANTED.format(marker=str(marker)) + path.read_text())
+    return folder, marker
+
+
+def test_evaluation_and_finetuning_run_no_code_from_the_folder(tiny_pnet_dir, fixture_data_dir, tmp_path):
+    """`pnet-eval DIR` and `finetune_sst2.py DIR` of a pnet_llama folder, each in a fresh process as a user runs them,
+    load the installed classes: a line planted in the folder's modeling files never runs (with trust_remote_code=True
+    hard-coded it ran in both), and the log says so."""
+    folder, marker = _planted_copy(tiny_pnet_dir, tmp_path, "planted")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "pnet_eval.zero_shot", str(folder), "--tasks", "boolq", "--data-dir",
+         str(fixture_data_dir), "--limit", "2", "--batch-size", "2", "--device", "cpu", "--output-dir",
+         str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "loading its registered classes; the folder's code files are not executed" in evaluation.stdout
+    assert json.loads((tmp_path / "out/planted" / zero_shot.RESULTS_FILE).read_text())["tasks"]["boolq"]["docs"] == 2
+    finetuning = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts/finetune_sst2.py"), str(folder), f"data.data_dir={fixture_data_dir}",
+         "epochs=1", "data.max_train_samples=8", "data.max_eval_samples=8", f"output_dir={tmp_path / 'ft'}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert finetuning.returncode == 0, finetuning.stderr[-3000:]
+    assert "the folder's code files are not executed" in finetuning.stdout
+    assert not marker.exists()
+
+
+def test_folder_code_of_an_unknown_model_type_needs_consent(tiny_pnet_dir, fixture_data_dir, tmp_path, capsys):
+    """A folder whose model_type only its own code provides is refused before anything loads, naming the flag."""
+    folder, marker = _planted_copy(tiny_pnet_dir, tmp_path, "foreign")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "someone_elses_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="someone_elses_model.*Pass --trust-remote-code if you trust that code"):
+        zero_shot.evaluate(str(folder), tasks="boolq", data_dir=fixture_data_dir, limit=2)
+    with pytest.raises(SystemExit) as exit_info:
+        zero_shot.main([str(folder), "--tasks", "boolq", "--data-dir", str(fixture_data_dir), "--limit", "2"])
+    assert exit_info.value.code == 2 and "--trust-remote-code" in capsys.readouterr().err
+    from pnet import finetune
+
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        finetune.main([str(folder), f"data.data_dir={fixture_data_dir}"])
+    assert not marker.exists()

@@ -1,8 +1,8 @@
-"""scripts/replicate_table7.py end to end at smoke scale (dense + one MoE row, a few steps, eval --limit 4): the
-report, its JSON and both PNGs exist with the right rows and finite numbers; a re-run skips finished stages;
-config errors are raised before anything runs."""
+"""scripts/replicate_table7.py (pnet.table7) end to end at smoke scale (dense + one MoE row, a few steps, eval limit
+4, SST-2 on a few sentences): the report, its JSON and both PNGs exist with the right rows and finite numbers; a re-run
+skips finished stages; a run is not continued with other settings; config errors (also in the settings every stage
+will get) are raised before anything runs."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from pnet import table7 as runner
+from pnet.checkpoint import ResumeError
+from pnet.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs/replicate/table7-cpu.yaml"
@@ -25,12 +29,9 @@ SMOKE_PRETRAIN = {"seed": 0, "data.seq_len": 32, "data.validation_sequences": 2,
                   "log_every": 2, "eval_every": 3, "save_every": 3, "keep_last": 1, "tensorboard": False}
 
 
-def load_runner():
-    spec = importlib.util.spec_from_file_location("replicate_table7", REPO_ROOT / "scripts/replicate_table7.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # the configs' paths are relative to the repository root
 
 
 def smoke_config(tmp_path: Path) -> Path:
@@ -38,9 +39,11 @@ def smoke_config(tmp_path: Path) -> Path:
     values = yaml.safe_load(CONFIG.read_text())
     (tmp_path / "tiny-llama.json").write_text(json.dumps(TINY_DENSE))
     values.update(output_root=str(tmp_path / "runs"), report=str(tmp_path / "results/table7-smoke.md"),
-                  launcher=["python"],  # the accelerate launchers are exercised by tests/test_pretrain.py
+                  launcher=None,  # in the runner's process; the accelerate launchers: tests/test_pretrain.py
                   base_config="configs/pretrain/tiny-cpu.yaml", base_model=str(tmp_path / "tiny-llama.json"),
-                  pretrain_overrides=SMOKE_PRETRAIN, sst2={"enabled": False, "args": []})
+                  pretrain_overrides=SMOKE_PRETRAIN)
+    values["sst2"]["overrides"].update({"epochs": 1, "data.max_train_samples": 16, "data.max_eval_samples": 16,
+                                        "data.seq_len": 64})
     values["zero_shot"].update(limit=4, batch_size=4)
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -59,7 +62,7 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
     config = smoke_config(tmp_path)
     result = run_runner(config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "$ python scripts/pretrain.py --config configs/pretrain/tiny-cpu.yaml model=" in result.stdout
+    assert "$ python -m pnet.pretrain --config configs/pretrain/tiny-cpu.yaml model=" in result.stdout
 
     report = tmp_path / "results/table7-smoke.md"
     summary = json.loads(report.with_suffix(".json").read_text())
@@ -77,7 +80,7 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
         assert set(r["val_loss"]) == {"web", "wikipedia", "arxiv"}
         assert [p["tokens"] for p in r["val_curve"]] == [3 * 64, 6 * 64]
         numbers = [r["training_loss"], r["final_lm_loss_window"], r["val_loss_mean"], *r["val_loss"].values(),
-                   r["arc_easy"], r["boolq"], r["hellaswag"]]
+                   r["arc_easy"], r["boolq"], r["hellaswag"], r["sst2"]]
         assert all(math.isfinite(x) for x in numbers), numbers
         assert 0.0 < r["val_loss_mean"] < 2 * math.log(32000)
         assert r["docs"] == {"arc_easy": 4, "boolq": 4, "hellaswag": 4}
@@ -97,32 +100,27 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
         assert f"]({png})" in markdown
 
     # A second run skips every finished stage. up-e8 is marked as killed after its last checkpoint but before the
-    # runner recorded it: the runner continues it with --resume (which only exports) and skips its evaluation.
+    # runner recorded it: the runner continues it with --resume (which only exports) and skips its evaluations.
     state_path = tmp_path / "runs/up-e8/replicate_state.json"
     state = json.loads(state_path.read_text())
-    state_path.write_text(json.dumps({**state, "done": ["zero_shot"]}))
+    state_path.write_text(json.dumps({**state, "done": ["zero_shot", "sst2"]}))
     rerun = run_runner(config)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert rerun.stdout.count("finished earlier: skipped") == 3
+    assert rerun.stdout.count("finished earlier: skipped") == 5
     assert "[up-e8] continuing pretraining from checkpoint-6" in rerun.stdout
-    resumed = [line for line in rerun.stdout.splitlines() if line.startswith("$ python scripts/pretrain.py")]
+    resumed = [line for line in rerun.stdout.splitlines() if line.startswith("$ python -m pnet.pretrain")]
     assert len(resumed) == 1 and "output_dir=" + str(tmp_path / "runs/up-e8") in resumed[0]
     assert resumed[0].endswith(" --resume")
     assert json.loads(report.with_suffix(".json").read_text())["rows"][1]["val_loss"] == moe["val_loss"]
 
-    # Checkpoints made with another command are not continued with this one.
-    runner = load_runner()
-    os.chdir(REPO_ROOT)
-    state = json.loads(state_path.read_text())
-    state_path.write_text(json.dumps({**state, "done": [], "pretrain_command": state["pretrain_command"][:-1]}))
-    loaded = runner.load_replicate_config(config)
-    with pytest.raises(ValueError, match="different command or model file"):
-        runner.run_row(loaded, loaded.rows[4], runner.command_env(1))
+    # Checkpoints of a run are not continued with other settings: pnet.pretrain --resume refuses, listing them.
+    state_path.write_text(json.dumps({**state, "done": []}))
+    loaded = runner.load_replicate_config(config, ["pretrain_overrides.lr=0.01"])
+    with pytest.raises(ResumeError, match="lr: 0.003 in the checkpoint, 0.01 now"):
+        runner.run_row(loaded, loaded.rows[4])
 
 
 def test_config_errors_name_the_bad_value(tmp_path):
-    runner = load_runner()
-    os.chdir(REPO_ROOT)
     base = yaml.safe_load(CONFIG.read_text())
     config = runner.load_replicate_config(CONFIG)
     assert [r.name for r in config.rows] == ["dense", "gate-e4", "gate-e8", "up-e4", "up-e8", "down-e4", "down-e8"]
@@ -130,27 +128,29 @@ def test_config_errors_name_the_bad_value(tmp_path):
         ("rows", [{"name": "a", "num_experts": 1, "moe_projections": ["up"]}], "num_experts must be 0"),
         ("rows", [{"name": "a", "num_experts": 4, "moe_projections": ["ffn"]}], "not in ['gate', 'up', 'down']"),
         ("rows", [{"name": "a", "num_experts": 0}, {"name": "a", "num_experts": 0}], "repeated: ['a']"),
+        ("rows", [{"name": "a", "num_expert": 4}], "rows.0: unknown key(s) ['num_expert']"),
         ("pretrain_overrides", {"output_dir": "x"}, "must not set 'output_dir'"),
         ("plots", {"expert_load_row": "dense"}, "is not an MoE row"),
         ("base_model", "configs/models/nope.json", "not found"),
+        ("moe", {"router_aux_los_coef": 0.1}, "moe: unknown key(s) ['router_aux_los_coef']"),
+        ("zero_shot", {"tasks": []}, "zero_shot.tasks=[]: List should have at least 1 item"),
+        ("sst2", {"enabled": True, "overrides": {"epoch": 3}}, "sst2.overrides: unknown key(s) ['epoch']"),
     ]
     for key, value, message in cases:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**base, key: value}))
-        with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                           .replace(")", r"\)")):
             runner.load_replicate_config(path)
-    with pytest.raises(ValueError, match="unknown row"):
+    with pytest.raises(ConfigError, match="unknown row"):
         runner.select_rows(config, "dense,up-e16")
-    # The pretraining config every row gets is checked by scripts/pretrain.py's own validation, up front.
-    bad = runner.load_replicate_config(CONFIG, ["pretrain_overrides.warmup_steps=250"])
-    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, max_steps=250\)"):
-        runner.check_pretrain_config(bad)
+    # The pretraining config every row gets is checked by pnet.pretrain's own validation, up front.
+    with pytest.raises(ConfigError, match=r"warmup_steps=250 must be < max_steps=250"):
+        runner.load_replicate_config(CONFIG, ["pretrain_overrides.warmup_steps=250"])
 
 
 def test_rows_differ_only_in_experts():
     """Derived model files: dense is the base unchanged; MoE rows add only the routing fields."""
-    runner = load_runner()
-    os.chdir(REPO_ROOT)
     config = runner.load_replicate_config(CONFIG, ["pretrain_overrides.max_steps=40"])
     assert config.pretrain_overrides["max_steps"] == 40
     base = json.loads(Path(config.base_model).read_text())
@@ -160,10 +160,12 @@ def test_rows_differ_only_in_experts():
     assert added == {"model_type": "pnet_llama", "architectures": ["PNetLlamaForCausalLM"], "num_experts": 8,
                      "moe_projections": ["up"], **config.moe}
     command = runner.pretrain_command(config, Path("runs/m.json"), Path("runs/r"))
-    assert command[:5] == ["accelerate", "launch", "--config_file", "configs/accelerate/cpu-2proc.yaml",
-                           "scripts/pretrain.py"]
-    assert command[5:9] == ["--config", "configs/pretrain/corpus-cpu.yaml", "model=runs/m.json", "output_dir=runs/r"]
-    # Every pretraining override is on the command line and reads back (as scripts/pretrain.py parses it) unchanged.
-    parsed = dict(part.split("=", 1) for part in command[9:])
+    assert command[:7] == ["accelerate", "launch", "--config_file", "configs/accelerate/cpu-2proc.yaml", "-m",
+                           "pnet.pretrain", "--config"]
+    assert command[7:10] == ["configs/pretrain/corpus-cpu.yaml", "model=runs/m.json", "output_dir=runs/r"]
+    # Every pretraining override is on the command line and reads back (as pnet.pretrain parses it) unchanged.
+    parsed = dict(part.split("=", 1) for part in command[10:])
     assert {key: yaml.safe_load(value) for key, value in parsed.items()} == config.pretrain_overrides
     assert parsed["max_steps"] == "40" and parsed["data.seq_len"] == "512"
+    row_config = config.pretrain_config(config.base_model, "runs/r")
+    assert (row_config.max_steps, row_config.data.seq_len, row_config.output_dir) == (40, 512, "runs/r")

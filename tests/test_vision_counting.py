@@ -1,8 +1,9 @@
-"""Exact parameter and FLOPs counts of the paper's vision models (Tables 2 and 4) from the real model."""
+"""Exact parameter and FLOPs counts of the paper's vision models (Tables 2, 4 and 6) from the real model."""
 
 import json
 
 import pytest
+import torch
 
 from pnet.counting import count_config, main as pnet_count_main
 from pnet.vision_counting import build_meta_model, count_parameternet
@@ -48,7 +49,7 @@ def test_ghostnet_1x_sanity():
 def test_meta_count_matches_real_model():
     config = {"width_multiplier": 0.35, "num_experts": 3, "num_labels": 7, "image_size": 64}
     report = count_parameternet(config)
-    from modeling_pnet_llama import ParameterNetConfig, ParameterNetForImageClassification
+    from modeling_parameternet import ParameterNetConfig, ParameterNetForImageClassification
 
     real = ParameterNetForImageClassification(ParameterNetConfig(**config))
     assert report.total_params == sum(p.numel() for p in real.parameters())
@@ -59,3 +60,42 @@ def test_pnet_count_cli(repo_root, capsys):
     pnet_count_main([str(repo_root / "configs/vision/parameternet-600m.json")])
     out = capsys.readouterr().out
     assert "34,504,504" in out and "598,722,768" in out and "(598.72M)" in out
+
+
+def test_repconv_table6_exact(repo_root):
+    """RepConv GhostNet-300M (Table 6): 15.7M training parameters, 8.6M inference parameters, 289M FLOPs; its
+    inference form is a GhostNet-300M, so its FLOPs are exactly GhostNet-300M's."""
+    report = count_config(str(repo_root / "configs/vision/repconv-ghostnet-300m.json"))
+    assert report.total_params == 15_748_032 and round(report.total_params / 1e6, 1) == 15.7
+    assert report.details["inference_params"] == 8_617_150 and round(report.details["inference_params"] / 1e6, 1) == 8.6
+    assert report.flops == 288_704_676 == PAPER_MODELS[0][2] and round(report.flops / 1e6) == 289
+    # Training runs four conv + BatchNorm branches per convolution: the training FLOPs are not the inference FLOPs.
+    assert report.details["training_flops"] > 3 * report.flops
+
+
+def test_reparameterized_counts_equal_flops_and_fewer_params(repo_root):
+    """Folding a BatchNorm into its convolution keeps one op per output element (the bias add) and one parameter per
+    channel (the bias) instead of two."""
+    config = json.loads((repo_root / "configs/vision/parameternet-300m.json").read_text())
+    trained = count_parameternet(config)
+    folded = count_parameternet({**config, "reparameterized": True})
+    assert folded.flops == trained.flops == 298_151_088
+    norms = [m for m in build_meta_model(config).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert trained.total_params - folded.total_params == sum(m.num_features for m in norms)
+
+
+def test_fmnist_trap_models_at_equal_flops(repo_root):
+    """The three models of the low-FLOPs trap experiment at Fashion-MNIST scale (28x28): GhostNet, ParameterNet (E=4,
+    narrower to keep FLOPs) and RepConv, FLOPs within 3% of each other."""
+    reports = {name: count_config(str(repo_root / f"configs/vision/fmnist-{name}.json"))
+               for name in ("ghostnet", "parameternet", "repconv")}
+    assert {k: (r.total_params, r.flops) for k, r in reports.items()} == {
+        "ghostnet": (315_706, 1_307_176), "parameternet": (478_886, 1_342_680), "repconv": (619_330, 1_307_176)}
+    assert reports["repconv"].details["inference_params"] == 313_394
+    assert max(r.flops for r in reports.values()) / min(r.flops for r in reports.values()) < 1.03
+
+
+def test_pnet_count_cli_repconv(repo_root, capsys):
+    pnet_count_main([str(repo_root / "configs/vision/repconv-ghostnet-300m.json")])
+    out = capsys.readouterr().out
+    assert "15,748,032" in out and "inference_params" in out and "8,617,150" in out and "288,704,676" in out

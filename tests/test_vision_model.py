@@ -1,22 +1,21 @@
-"""ParameterNet / GhostNet modelling: dynamic convolution, equivalences, errors, save/load, pipeline, learning."""
+"""ParameterNet / GhostNet / RepConv modelling: dynamic convolution, re-parameterisation, equivalences, errors,
+save/load, pipeline, learning."""
 
 import json
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import pipeline
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from vision_helpers import check_saved_folder, randomize_batch_norms
 
-from modeling_pnet_llama import (
+from modeling_parameternet import (
     DynamicConv2d,
     ParameterNetConfig,
     ParameterNetForImageClassification,
     ParameterNetImageProcessor,
+    RepConv2d,
 )
 
 TINY = dict(
@@ -41,32 +40,106 @@ def per_sample_reference(conv: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
     for sample in x:
         alpha = conv.routing_weights(sample[None])[0]
         kernel = (alpha[:, None, None, None, None] * conv.weight).sum(0)
-        outputs.append(F.conv2d(sample[None], kernel, stride=conv.stride, padding=conv.padding, groups=conv.groups))
+        outputs.append(
+            F.conv2d(sample[None], kernel, conv.bias, stride=conv.stride, padding=conv.padding, groups=conv.groups)
+        )
     return torch.cat(outputs)
 
 
+@pytest.mark.parametrize("batch_size", [3, 1])
 @pytest.mark.parametrize(
-    "in_ch,out_ch,kernel,stride,groups,routing",
-    [(6, 10, 1, 1, 1, "sigmoid"), (8, 8, 3, 1, 8, "softmax"), (6, 12, 3, 2, 1, "sigmoid"), (8, 8, 5, 2, 8, "sigmoid")],
+    "in_ch,out_ch,kernel,stride,groups,routing,bias",
+    [(6, 10, 1, 1, 1, "sigmoid", False), (8, 8, 3, 1, 8, "softmax", False), (6, 12, 3, 2, 1, "sigmoid", True),
+     (8, 8, 5, 2, 8, "sigmoid", True)],
 )
-def test_dynamic_conv_matches_per_sample_loop(in_ch, out_ch, kernel, stride, groups, routing):
+def test_dynamic_conv_matches_per_sample_loop(in_ch, out_ch, kernel, stride, groups, routing, bias, batch_size):
     torch.manual_seed(0)
-    conv = DynamicConv2d(in_ch, out_ch, kernel, stride, groups, num_experts=4, routing_activation=routing)
+    conv = DynamicConv2d(in_ch, out_ch, kernel, stride, groups, num_experts=4, routing_activation=routing, bias=bias)
     torch.nn.init.normal_(conv.weight)
     torch.nn.init.normal_(conv.routing.weight)
-    x = torch.randn(3, in_ch, 9, 9, requires_grad=True)
-    upstream = torch.randn(3, out_ch, (9 + 2 * (kernel // 2) - kernel) // stride + 1, (9 + 2 * (kernel // 2) - kernel) // stride + 1)
+    params = [conv.weight, conv.routing.weight, conv.routing.bias] + ([conv.bias] if bias else [])
+    if bias:
+        torch.nn.init.normal_(conv.bias)
+    x = torch.randn(batch_size, in_ch, 9, 9, requires_grad=True)
+    side = (9 + 2 * (kernel // 2) - kernel) // stride + 1
+    upstream = torch.randn(batch_size, out_ch, side, side)
 
     y = conv(x)
-    grads = torch.autograd.grad((y * upstream).sum(), [x, conv.weight, conv.routing.weight, conv.routing.bias])
+    grads = torch.autograd.grad((y * upstream).sum(), [x, *params])
     y_ref = per_sample_reference(conv, x)
-    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), [x, conv.weight, conv.routing.weight, conv.routing.bias])
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), [x, *params])
 
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
-    # The samples really get different kernels.
-    assert not torch.allclose(conv.routing_weights(x)[0], conv.routing_weights(x)[1])
+    if batch_size > 1:  # the samples really get different kernels
+        assert not torch.allclose(conv.routing_weights(x)[0], conv.routing_weights(x)[1])
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_repconv_is_the_sum_of_its_branches(groups):
+    """RepConv2d = sum over branches of BatchNorm_b(conv_b(x)), in training (batch statistics) and in eval mode; its
+    merged kernel and bias give the eval-mode output with one convolution."""
+    torch.manual_seed(0)
+    rep = RepConv2d(8, 8, 3, stride=2, groups=groups, num_branches=4)
+    branches = []
+    for b in range(4):  # the explicit reference: four independent conv + BatchNorm branches with rep's weights
+        conv = torch.nn.Conv2d(8, 8, 3, 2, 1, groups=groups, bias=False)
+        norm = torch.nn.BatchNorm2d(8)
+        conv.weight.data.copy_(rep.conv.weight.data[b::4])
+        branches.append((conv, norm))
+    x = torch.randn(5, 8, 11, 11)
+    torch.testing.assert_close(rep(x), sum(norm(conv(x)) for conv, norm in branches), rtol=1e-5, atol=1e-5)
+    for b, (_, norm) in enumerate(branches):  # the running statistics were updated alike
+        torch.testing.assert_close(rep.norm.running_var[b::4], norm.running_var)
+    with torch.no_grad():
+        for b, (_, norm) in enumerate(branches):
+            for name in ("weight", "bias", "running_mean"):
+                getattr(norm, name).normal_()
+                getattr(rep.norm, name)[b::4] = getattr(norm, name)
+    rep.eval()
+    [m.eval() for _, m in branches]
+    expected = sum(norm(conv(x)) for conv, norm in branches)
+    torch.testing.assert_close(rep(x), expected, rtol=1e-5, atol=1e-5)
+    kernel, bias = rep.merged()
+    torch.testing.assert_close(F.conv2d(x, kernel, bias, 2, 1, 1, groups), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"num_experts": 1}, {"num_experts": 4}, {"num_experts": 3, "routing_activation": "softmax"},
+     {"num_experts": 1, "num_branches": 4}],
+    ids=["ghostnet", "parameternet", "parameternet-softmax", "repconv"],
+)
+def test_reparameterize_gives_equal_eval_outputs(overrides, tmp_path):
+    """reparameterize(): every BatchNorm folded (into each expert of a dynamic conv), RepConv branches merged; the
+    eval-mode logits and features equal the original model's (1e-4 relative), at batch 3 and batch 1."""
+    model = randomize_batch_norms(tiny_model(**overrides)).train()
+    model(torch.randn(4, 3, 32, 32))  # a training step's BatchNorm statistics, then eval
+    model.eval()
+    inference = model.reparameterize()
+    assert inference.config.reparameterized and inference.config.num_branches == 1
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, RepConv2d)) for m in inference.modules())
+    for batch in (3, 1):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected, actual = model(x, output_hidden_states=True), inference(x, output_hidden_states=True)
+        scale = expected.logits.abs().max()
+        assert scale > 0.1
+        torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-4 * scale)
+        for h, h_ref in zip(actual.hidden_states, expected.hidden_states):
+            torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-4 * h_ref.abs().max())
+    # A RepConv model merges into exactly the GhostNet architecture (same parameter count as the GhostNet's inference
+    # form); the inference form saves and loads as itself.
+    if overrides.get("num_branches", 1) > 1:
+        ghostnet = tiny_model(num_experts=1).reparameterize()
+        assert [p.shape for p in inference.parameters()] == [p.shape for p in ghostnet.parameters()]
+    inference.save_pretrained(tmp_path / "inference")
+    loaded = ParameterNetForImageClassification.from_pretrained(tmp_path / "inference").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, inference(x).logits, rtol=0, atol=0)
+    assert loaded.reparameterize() is loaded
 
 
 def test_identical_experts_equal_plain_conv_network():
@@ -132,6 +205,12 @@ def test_bad_inputs_raise_clear_errors():
         ParameterNetConfig(routing_activation="tanh")
     with pytest.raises(ValueError, match="num_experts=0 is invalid"):
         DynamicConv2d(4, 4, 3, num_experts=0)
+    with pytest.raises(ValueError, match="num_branches=0 is invalid"):
+        ParameterNetConfig(num_branches=0)
+    with pytest.raises(ValueError, match="num_branches=4 with num_experts=4 is invalid"):
+        ParameterNetConfig(num_branches=4, num_experts=4)
+    with pytest.raises(ValueError, match="num_branches=2 with reparameterized=True is invalid"):
+        ParameterNetConfig(num_branches=2, num_experts=1, reparameterized=True)
 
 
 def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path):
@@ -143,36 +222,7 @@ def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path):
     assert {"model.safetensors", "configuration_parameternet.py", "modeling_parameternet.py",
             "image_processing_parameternet.py"} <= set(os.listdir(save_dir))
 
-    x = torch.randn(2, 3, 32, 32)
-    np.save(tmp_path / "x.npy", x.numpy())
-    with torch.no_grad():
-        expected = model(x).logits.numpy()
-    # A fresh interpreter in an empty folder: the classes can only come from the code saved with the weights.
-    script = (
-        "import sys, numpy as np, torch\n"
-        "from transformers import AutoModelForImageClassification, AutoImageProcessor\n"
-        f"model = AutoModelForImageClassification.from_pretrained({str(save_dir)!r}, trust_remote_code=True).eval()\n"
-        f"proc = AutoImageProcessor.from_pretrained({str(save_dir)!r}, trust_remote_code=True)\n"
-        "assert 'modeling_pnet_llama' not in sys.modules, 'loaded the installed package, not the saved code'\n"
-        f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
-        "with torch.no_grad():\n"
-        f"    np.save({str(tmp_path / 'y.npy')!r}, model(x).logits.numpy())\n"
-        "print(type(model).__name__, type(proc).__name__)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ParameterNetForImageClassification ParameterNetImageProcessor" in result.stdout
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
-
-    # pipeline smoke test, offline, on a PIL image of another size.
-    from PIL import Image
-
-    classifier = pipeline("image-classification", model=str(save_dir), trust_remote_code=True)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    predictions = classifier(image, top_k=3)
-    assert len(predictions) == 3 and {p["label"] for p in predictions} <= {"a", "b", "c", "d", "e"}
-    assert abs(sum(p["score"] for p in classifier(image, top_k=5)) - 1.0) < 1e-4
+    check_saved_folder(model, save_dir, tmp_path, labels=["a", "b", "c", "d", "e"])
 
 
 @pytest.fixture
@@ -184,7 +234,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread):
+@pytest.mark.parametrize("config_name", ["fmnist-parameternet", "fmnist-repconv"])
+def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread, config_name):
     from pnet.vision_data import load_idx_dataset
 
     data = load_idx_dataset(str(shared_data / "images" / "fashion-mnist"), limit=64)["train"][:]
@@ -193,7 +244,7 @@ def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread):
     )
     pixel_values = processor(data["image"], return_tensors="pt").pixel_values
     labels = torch.tensor(data["label"])
-    config = json.loads((repo_root / "configs/vision/fmnist-parameternet.json").read_text())
+    config = json.loads((repo_root / f"configs/vision/{config_name}.json").read_text())
     config.pop("model_type")
     torch.manual_seed(0)
     model = ParameterNetForImageClassification(ParameterNetConfig(**config)).train()
@@ -208,3 +259,9 @@ def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread):
         losses.append(loss.item())
     assert losses[0] > 2.0  # ~ln(10) at initialisation
     assert sum(losses[-2:]) / 2 < 0.75 * sum(losses[:2]) / 2, losses
+    # After training (real BatchNorm statistics) the inference form still computes the same function.
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        torch.testing.assert_close(model.reparameterize()(pixel_values).logits, expected, rtol=0,
+                                   atol=1e-4 * expected.abs().max())

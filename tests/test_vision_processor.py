@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from modeling_pnet_llama import ParameterNetImageProcessor
+from modeling_parameternet import ParameterNetImageProcessor
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)

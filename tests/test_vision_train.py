@@ -1,6 +1,6 @@
-"""scripts/train_vision.py end to end on a slice of Fashion-MNIST: logs, checkpoints, export, exact resume."""
+"""scripts/train_vision.py end to end on a slice of Fashion-MNIST: logs, checkpoints, export, exact resume; its
+config is the shared typed one (same keys as pretraining, typos and bad ranges rejected before anything runs)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,12 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
-def load_script(repo_root):
-    spec = importlib.util.spec_from_file_location("train_vision", repo_root / "scripts" / "train_vision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pnet import vision_train
+from pnet.checkpoint import ResumeError
+from pnet.config import ConfigError
 
 
 @pytest.fixture
@@ -22,12 +19,11 @@ def recipe_args(repo_root, shared_data, tmp_path):
     def make(output_dir, *extra):
         return [
             "--config", str(repo_root / "configs/vision/train-fmnist-cpu.yaml"),
-            "--set",
-            f"model_config={repo_root / 'configs/vision/fmnist-parameternet.json'}",
+            f"model={repo_root / 'configs/vision/fmnist-parameternet.json'}",
             f"data.path={shared_data / 'images' / 'fashion-mnist'}",
             f"output_dir={output_dir}",
-            "data.limit=96", "batch_size=16", "eval_batch_size=48", "max_steps=6", "warmup_steps=2",
-            "log_every=2", "eval_every=4", "checkpoint_every=3", "train_eval_samples=32", "cpu_threads=1",
+            "data.limit=96", "micro_batch_size=16", "eval_batch_size=48", "max_steps=6", "warmup_steps=2",
+            "log_every=2", "eval_every=4", "save_every=3", "train_eval_samples=32", "cpu_threads=1",
             *extra,
         ]
 
@@ -42,9 +38,8 @@ def restore_threads():
 
 
 def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tmp_path, restore_threads):
-    train_vision = load_script(repo_root)
     run = tmp_path / "run"
-    results = train_vision.main(recipe_args(run))
+    results = vision_train.main(recipe_args(run))
 
     assert results["steps"] == 6 and results["num_experts"] == 4 and 0.0 <= results["test_accuracy"] <= 1.0
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -60,7 +55,7 @@ def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tm
     # Kill after step 3: drop the later checkpoint and the export, then resume.
     shutil.rmtree(run / "checkpoint-6")
     shutil.rmtree(final)
-    resumed_results = train_vision.main(recipe_args(run) + ["--resume"])
+    resumed_results = vision_train.main(recipe_args(run) + ["--resume"])
     assert resumed_results["steps"] == 6
     resumed = load_file(run / "checkpoint-6" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
@@ -70,3 +65,21 @@ def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tm
     # The log keeps one record per step: the resumed run replaced what the killed one wrote after step 3.
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    # Resuming with another learning rate is refused, naming it (the shared pnet.checkpoint resume check).
+    with pytest.raises(ResumeError, match="lr: 0.004 in the checkpoint, 0.01 now"):
+        vision_train.main(recipe_args(run) + ["lr=0.01", "--resume"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("ema_decy=0.9", r"unknown key\(s\) \['ema_decy'\] \('ema_decy' -> did you mean 'ema_decay'\?\)"),
+    ("learning_rate=0.1", r"unknown key\(s\) \['learning_rate'\]"),
+    ("augment.horizontal_flip=1.5", r"augment: horizontal_flip=1.5 is a probability: allowed \[0, 1\]"),
+    ("image_processor.do_resizee=true", r"image_processor: unknown key\(s\) \['do_resizee'\]"),
+    ("model_overrides.num_expert=2", r"model_overrides: unknown key\(s\) \['num_expert'\]"),
+    ("micro_batch_size=0", "micro_batch_size=0: Input should be greater than 0"),
+    ("epochs=3", "set exactly one of max_steps and epochs"),
+])
+def test_bad_settings_fail_before_any_data_is_read(override, message, recipe_args, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        vision_train.main(recipe_args(tmp_path / "never") + [override])
+    assert not (tmp_path / "never").exists()

@@ -86,6 +86,9 @@ class ParameterNetImageProcessor(PilBackend):
                 return image
             luma = np.tensordot(LUMA_WEIGHTS, image[:3].astype(np.float32), axes=1)
             return luma[None].astype(image.dtype) if image.dtype == np.uint8 else luma[None]
+        if channels == 1 and (self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb):
+            # Grey arrays and tensors: transformers before 5.24 converts only PIL images to RGB.
+            return np.repeat(image, 3, axis=0)
         return image
 
 

@@ -26,8 +26,10 @@ HIDDEN_ACTIVATIONS = ("relu", "hardswish")
 @strict
 class ParameterNetConfig(PreTrainedConfig):
     r"""
-    Configuration of a GhostNet (`num_experts=1`) or a ParameterNet (`num_experts>1`: the convolutions named below
-    become dynamic convolutions with `num_experts` expert kernels).
+    Configuration of a GhostNet (`num_experts=1`), a ParameterNet (`num_experts>1`: the convolutions named in
+    `modeling_parameternet` become dynamic convolutions with `num_experts` expert kernels) or a RepConv GhostNet
+    (`num_branches>1`: the same convolutions get `num_branches - 1` more parallel conv+BatchNorm branches in
+    training, merged into one convolution by `reparameterize()`; the paper's Table 6).
 
     Args:
         num_channels (`int`, defaults to 3): channels of the input image.
@@ -44,6 +46,10 @@ class ParameterNetConfig(PreTrainedConfig):
         channel_divisor (`int`, defaults to 4): channel counts are multiples of this.
         se_divisor (`int`, defaults to 4): squeeze-excite reduced channels are multiples of this.
         num_experts (`int`, defaults to 4): expert kernels per dynamic convolution; 1 = plain GhostNet.
+        num_branches (`int`, defaults to 1): parallel conv+BatchNorm branches per convolution (structural
+            re-parameterisation, RepVGG-style); 1 = plain. Excludes `num_experts > 1`.
+        reparameterized (`bool`, defaults to `False`): inference form written by `reparameterize()`: every BatchNorm
+            is folded into the convolution before it (which then has a bias) and RepConv branches are merged.
         routing_activation (`str`, defaults to `"sigmoid"`): `"sigmoid"` (official code) or `"softmax"` (paper text)
             applied to the routing logits `Linear(GAP(x))`.
         hidden_act (`str`, defaults to `"relu"`): `"relu"` (GhostNet) or `"hardswish"` (ParameterNet-600M).
@@ -63,6 +69,8 @@ class ParameterNetConfig(PreTrainedConfig):
     channel_divisor: int = 4
     se_divisor: int = 4
     num_experts: int = 4
+    num_branches: int = 1
+    reparameterized: bool = False
     routing_activation: str = "sigmoid"
     hidden_act: str = "relu"
     classifier_dropout: float | int = 0.2
@@ -80,6 +88,18 @@ class ParameterNetConfig(PreTrainedConfig):
         """Reject configurations the network cannot be built from, naming the field, the value and what is allowed."""
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts={self.num_experts!r} is invalid; allowed: an integer >= 1 (1 = GhostNet)")
+        if not isinstance(self.num_branches, int) or self.num_branches < 1:
+            raise ValueError(f"num_branches={self.num_branches!r} is invalid; allowed: an integer >= 1 (1 = plain convolutions)")
+        if self.num_branches > 1 and self.num_experts > 1:
+            raise ValueError(
+                f"num_branches={self.num_branches} with num_experts={self.num_experts} is invalid; allowed: RepConv "
+                "branches (num_branches > 1) or dynamic convolutions (num_experts > 1), not both"
+            )
+        if self.num_branches > 1 and self.reparameterized:
+            raise ValueError(
+                f"num_branches={self.num_branches} with reparameterized=True is invalid; allowed: num_branches=1 "
+                "(reparameterize() merges the branches into one convolution)"
+            )
         if self.routing_activation not in ROUTING_ACTIVATIONS:
             raise ValueError(f"routing_activation={self.routing_activation!r} is invalid; allowed: {ROUTING_ACTIVATIONS}")
         if self.hidden_act not in HIDDEN_ACTIVATIONS:

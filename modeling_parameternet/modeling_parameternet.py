@@ -4,11 +4,16 @@ ParameterNet = GhostNet whose convolutions are replaced by dynamic convolutions:
 mixed per sample by coefficients computed from the globally pooled input. As in the official code the dynamic
 convolutions are the stem, both convolutions of every Ghost module, both shortcut convolutions and the last 1x1
 convolution before pooling; the stride-2 depthwise convolution of a bottleneck, squeeze-excite, the 1280-wide head
-and the classifier stay static. With `num_experts=1` every convolution is a plain `nn.Conv2d` (GhostNet).
+and the classifier stay static. With `num_experts=1` every convolution is a plain `nn.Conv2d` (GhostNet); with
+`num_branches>1` the same convolutions are `RepConv2d`s (parallel conv+BatchNorm branches, the paper's Table 6).
+
+`reparameterize()` returns the inference form: each BatchNorm folded into the (static, dynamic or merged RepConv)
+convolution before it, which then carries a bias. Same outputs in eval mode, fewer operations.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -44,8 +49,11 @@ class DynamicConv2d(nn.Module):
     """Convolution whose kernel is a per-sample mix of `num_experts` expert kernels.
 
     alpha = act(Linear(GAP(x))) with act = sigmoid (official code) or softmax (paper text); the per-sample kernel
-    sum_e alpha_e W_e is applied in one grouped convolution with the batch folded into the groups, so there is no
-    per-sample loop: the input is viewed as one image with B*C_in channels and convolved with B*groups groups.
+    sum_e alpha_e W_e is one GEMM `(B, E) @ (E, |W|)` per layer (memory-bound: it reads every expert once). Batch 1
+    runs one plain convolution with that kernel; a batch is folded into the groups of one grouped convolution, so
+    there is no per-sample loop: the input is viewed as one image with B*C_in channels and B*groups groups.
+    `bias` (one per output channel, shared by the experts) exists only in the reparameterized form, where it carries
+    the folded BatchNorm shift.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class DynamicConv2d(nn.Module):
         groups: int = 1,
         num_experts: int = 4,
         routing_activation: str = "sigmoid",
+        bias: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -73,6 +82,7 @@ class DynamicConv2d(nn.Module):
         self.routing_activation = routing_activation
         self.routing = nn.Linear(in_channels, num_experts)
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
 
     def routing_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Per-sample expert coefficients, shape (batch, num_experts)."""
@@ -84,37 +94,115 @@ class DynamicConv2d(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, _, height, width = hidden_states.shape
         alpha = self.routing_weights(hidden_states)
-        # (B, E) @ (E, |W|) -> one kernel per sample, stacked along the output-channel axis.
-        kernels = (alpha @ self.weight.flatten(1)).reshape(batch_size * self.out_channels, *self.weight.shape[2:])
+        # (B, E) @ (E, |W|): one kernel per sample, stacked along the output-channel axis.
+        kernels = torch.mm(alpha, self.weight.flatten(1))
+        if batch_size == 1:
+            return F.conv2d(
+                hidden_states, kernels.view(self.weight.shape[1:]), self.bias, self.stride, self.padding, 1, self.groups
+            )
+        bias = None if self.bias is None else self.bias.repeat(batch_size)
         output = F.conv2d(
             hidden_states.reshape(1, batch_size * self.in_channels, height, width),
-            kernels,
-            stride=self.stride,
-            padding=self.padding,
-            groups=batch_size * self.groups,
+            kernels.view(batch_size * self.out_channels, *self.weight.shape[2:]),
+            bias,
+            self.stride,
+            self.padding,
+            1,
+            batch_size * self.groups,
         )
-        return output.reshape(batch_size, self.out_channels, output.shape[-2], output.shape[-1])
+        return output.view(batch_size, self.out_channels, output.shape[-2], output.shape[-1])
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"groups={self.groups}, num_experts={self.num_experts}, routing={self.routing_activation}"
+            f"groups={self.groups}, num_experts={self.num_experts}, routing={self.routing_activation}, "
+            f"bias={self.bias is not None}"
         )
+
+
+class RepConv2d(nn.Module):
+    """`num_branches` parallel conv -> BatchNorm branches of the same shape, summed (structural re-parameterisation,
+    RepVGG / MobileOne style; the paper's Table 6 adds 3 branches to every convolution ParameterNet makes dynamic).
+
+    The branches run as one convolution with `num_branches` times the output channels, ordered (out, branch) so that
+    a grouped (e.g. depthwise) convolution keeps every branch of a channel in that channel's group, then one
+    BatchNorm over all branch channels and a sum over the branch axis. `merged()` gives the single equivalent
+    convolution (kernel and bias) for eval mode.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        num_branches: int = 4,
+        batch_norm_eps: float = 1e-5,
+        batch_norm_momentum: float = 0.1,
+    ):
+        super().__init__()
+        if num_branches < 1:
+            raise ValueError(f"num_branches={num_branches!r} is invalid; allowed: an integer >= 1")
+        self.out_channels = out_channels
+        self.num_branches = num_branches
+        self.conv = nn.Conv2d(
+            in_channels, out_channels * num_branches, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
+        )
+        self.norm = nn.BatchNorm2d(out_channels * num_branches, eps=batch_norm_eps, momentum=batch_norm_momentum)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        branches = self.norm(self.conv(hidden_states))
+        batch_size, _, height, width = branches.shape
+        return branches.view(batch_size, self.out_channels, self.num_branches, height, width).sum(dim=2)
+
+    @torch.no_grad()
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel (out, in/groups, k, k) and bias (out,) of the one convolution equal to this module in eval mode."""
+        kernel, bias = fold_batch_norm(self.conv.weight, self.norm)
+        kernel = kernel.view(self.out_channels, self.num_branches, *kernel.shape[1:]).sum(dim=1)
+        return kernel, bias.view(self.out_channels, self.num_branches).sum(dim=1)
+
+
+@torch.no_grad()
+def fold_batch_norm(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of `norm(conv(x, weight))` in eval mode as one convolution: the BatchNorm scale
+    gamma / sqrt(var + eps) multiplies each output channel of `weight` (axis -4, so a dynamic convolution's experts
+    (E, out, ...) are scaled alike) and its shift beta - mean * scale becomes the bias."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 def make_conv(
     config: ParameterNetConfig, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
 ) -> nn.Module:
-    """A convolution that is dynamic in ParameterNet: `DynamicConv2d` when num_experts > 1, else `nn.Conv2d`."""
+    """A convolution that is dynamic in ParameterNet: `DynamicConv2d` when num_experts > 1, `RepConv2d` (with its
+    own BatchNorms) when num_branches > 1, else `nn.Conv2d`. Reparameterized models carry a bias instead of a norm."""
+    bias = config.reparameterized
     if config.num_experts > 1:
         return DynamicConv2d(
-            in_channels, out_channels, kernel_size, stride, groups, config.num_experts, config.routing_activation
+            in_channels, out_channels, kernel_size, stride, groups, config.num_experts, config.routing_activation, bias
         )
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+    if config.num_branches > 1:
+        return RepConv2d(
+            in_channels, out_channels, kernel_size, stride, groups, config.num_branches,
+            config.batch_norm_eps, config.batch_norm_momentum,
+        )
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
+
+
+def make_norm(config: ParameterNetConfig, channels: int, conv: nn.Module) -> nn.Module:
+    """The BatchNorm after a convolution, or nothing where the convolution already normalises (RepConv branches) or
+    carries the folded norm as its bias (reparameterized)."""
+    if config.reparameterized or isinstance(conv, RepConv2d):
+        return nn.Identity()
+    return nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
 
 
 class ParameterNetConvNormAct(nn.Module):
-    """(dynamic) conv -> BatchNorm -> optional activation."""
+    """(dynamic) conv -> BatchNorm -> optional activation; a RepConv's branches carry their own BatchNorms and a
+    reparameterized conv its folded one (bias), so `norm` is then the identity."""
 
     def __init__(
         self,
@@ -128,11 +216,23 @@ class ParameterNetConvNormAct(nn.Module):
     ):
         super().__init__()
         self.conv = make_conv(config, in_channels, out_channels, kernel_size, stride, groups)
-        self.norm = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.norm = make_norm(config, out_channels, self.conv)
         self.activation = ACTIVATIONS[config.hidden_act]() if activation else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.activation(self.norm(self.conv(hidden_states)))
+
+    @torch.no_grad()
+    def reparameterized_state(self) -> dict[str, torch.Tensor]:
+        """This module's parameters in the reparameterized form (keys relative to the module), eval-mode exact."""
+        if isinstance(self.conv, RepConv2d):
+            weight, bias = self.conv.merged()
+            return {"conv.weight": weight, "conv.bias": bias}
+        weight, bias = fold_batch_norm(self.conv.weight, self.norm)
+        state = {"conv.weight": weight, "conv.bias": bias}
+        if isinstance(self.conv, DynamicConv2d):
+            state.update({f"conv.routing.{k}": v.clone() for k, v in self.conv.routing.state_dict().items()})
+        return state
 
 
 class ParameterNetGhostModule(nn.Module):
@@ -184,9 +284,14 @@ class ParameterNetBottleneck(nn.Module):
         self.ghost_expand = ParameterNetGhostModule(config, in_channels, mid_channels, activation=True)
         if stride > 1:
             self.depthwise = nn.Conv2d(
-                mid_channels, mid_channels, kernel_size, stride, kernel_size // 2, groups=mid_channels, bias=False
+                mid_channels, mid_channels, kernel_size, stride, kernel_size // 2, groups=mid_channels,
+                bias=config.reparameterized,
             )
-            self.depthwise_norm = nn.BatchNorm2d(mid_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+            self.depthwise_norm = (
+                nn.Identity()
+                if config.reparameterized
+                else nn.BatchNorm2d(mid_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+            )
         else:
             self.depthwise = None
             self.depthwise_norm = None
@@ -203,6 +308,14 @@ class ParameterNetBottleneck(nn.Module):
                 ),
                 ParameterNetConvNormAct(config, in_channels, out_channels, 1, activation=False),
             )
+
+    @torch.no_grad()
+    def reparameterized_depthwise_state(self) -> dict[str, torch.Tensor]:
+        """The static stride-2 depthwise conv with its BatchNorm folded in (keys relative to the module)."""
+        if self.depthwise is None or isinstance(self.depthwise_norm, nn.Identity):
+            return {}
+        weight, bias = fold_batch_norm(self.depthwise.weight, self.depthwise_norm)
+        return {"depthwise.weight": weight, "depthwise.bias": bias}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = self.shortcut(hidden_states)
@@ -232,6 +345,8 @@ class ParameterNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DynamicConv2d):
             fan_out = module.out_channels // module.groups * module.kernel_size**2
             init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=0.01)
             if module.bias is not None:
@@ -341,12 +456,41 @@ class ParameterNetForImageClassification(ParameterNetPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
+    @torch.no_grad()
+    def reparameterize(self) -> "ParameterNetForImageClassification":
+        """The inference form of this model, a new model with equal eval-mode outputs: every BatchNorm folded into the
+        convolution before it (static, dynamic: into each expert, or RepConv: branches merged into one kernel), which
+        then has a bias; `config.reparameterized=True`, `num_branches=1`. A RepConv GhostNet becomes a GhostNet with
+        the same parameter count and FLOPs (one bias add per output element where a BatchNorm was). Save and load it
+        like any model; it is for inference (no BatchNorm statistics left to train)."""
+        if self.config.reparameterized:
+            return self
+        config = copy.deepcopy(self.config)
+        config.reparameterized = True
+        config.num_branches = 1
+        inference_model = type(self)(config).to(device=self.device, dtype=self.dtype)
+        state = {}
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, ParameterNetConvNormAct):
+                state.update({prefix + k: v for k, v in module.reparameterized_state().items()})
+            elif isinstance(module, ParameterNetBottleneck):
+                state.update({prefix + k: v for k, v in module.reparameterized_depthwise_state().items()})
+        own_state = self.state_dict()
+        for key in inference_model.state_dict():
+            if key not in state:
+                state[key] = own_state[key]
+        inference_model.load_state_dict(state)
+        return inference_model.train(self.training)
+
 
 ParameterNetModel.register_for_auto_class("AutoModel")
 ParameterNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "DynamicConv2d",
+    "RepConv2d",
+    "fold_batch_norm",
     "ParameterNetModel",
     "ParameterNetForImageClassification",
     "ParameterNetPreTrainedModel",

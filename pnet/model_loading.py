@@ -1,0 +1,157 @@
+"""Model configs and saved folders: checking config keys, loading a folder without running its code, and what the
+tokenizer saved beside a model must hold.
+
+A folder saved by this package carries its modeling code (``auto_map``) so that it loads anywhere with
+``trust_remote_code=True``. Here, where the package is installed, that code need not run: the installed classes are
+registered with the transformers Auto API, and `trust_remote_code_for` loads them without executing any file of the
+folder unless the user asked for it (``--trust-remote-code``), as transformers and lm-eval require.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from typing import Any, Callable
+
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+# Keyword arguments of `from_pretrained` that transformers stores in a tokenizer's init_kwargs and would write into
+# tokenizer_config.json: they describe how it was loaded here, not the tokenizer, and break loading elsewhere.
+LOAD_TIME_TOKENIZER_KWARGS = (
+    "local_files_only", "is_local", "cache_dir", "revision", "token", "use_auth_token", "trust_remote_code",
+    "force_download", "proxies", "subfolder", "resume_download", "_from_auto", "_commit_hash", "name_or_path",
+)
+
+
+@functools.cache
+def register_installed_models() -> frozenset[str]:
+    """Import the model packages of this project (each registers its classes with the Auto API on import) and return
+    the model types they provide. Vision classes live in ``modeling_parameternet`` or, in older trees, in
+    ``modeling_pnet_llama``."""
+    import modeling_pnet_llama  # noqa: F401
+
+    try:
+        import modeling_parameternet  # noqa: F401
+    except ImportError:
+        pass
+    return frozenset(t for t in ("pnet_llama", "parameternet") if t in CONFIG_MAPPING)
+
+
+def vision_classes() -> tuple[type, type, type]:
+    """(config, image classifier, image processor) classes of ParameterNet, wherever the installed package keeps
+    them."""
+    try:
+        import modeling_parameternet as package
+    except ImportError:
+        import modeling_pnet_llama as package
+    return package.ParameterNetConfig, package.ParameterNetForImageClassification, package.ParameterNetImageProcessor
+
+
+def config_class(model_type: str | None) -> type[PretrainedConfig]:
+    register_installed_models()
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"model_type {model_type!r} is not a transformers model type nor one of this package's")
+    return CONFIG_MAPPING[model_type]
+
+
+@functools.cache
+def config_keys(cls: type[PretrainedConfig]) -> frozenset[str]:
+    """Every key a config of class ``cls`` understands: its fields and what ``to_dict`` writes."""
+    keys = set(cls().to_dict())
+    if dataclasses.is_dataclass(cls):
+        keys |= {f.name for f in dataclasses.fields(cls)}
+    return frozenset(keys | {"auto_map", "num_labels"})  # num_labels: a constructor argument (sets id2label)
+
+
+def unknown_key_message(unknown: list[str], allowed: typing.Iterable[str], where: str) -> str:
+    allowed = sorted(allowed)
+    hints = [f"{key!r} -> did you mean {close[0]!r}?" for key in unknown
+             if (close := difflib.get_close_matches(key, allowed, n=1))]
+    return (f"{where + ': ' if where else ''}unknown key(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; allowed: {allowed}")
+
+
+def check_config_keys(values: dict[str, Any], cls: type[PretrainedConfig], where: str) -> None:
+    """Raise ValueError for keys ``cls`` does not know (a typo such as ``num_expert`` would otherwise be stored as a
+    junk attribute while the real field keeps its default)."""
+    unknown = sorted(set(values) - config_keys(cls))
+    if unknown:
+        raise ValueError(unknown_key_message(unknown, config_keys(cls) - {"transformers_version", "_name_or_path"},
+                                             where))
+
+
+def make_config(values: dict[str, Any], where: str) -> PretrainedConfig:
+    """``AutoConfig.for_model`` on a config.json-style dict; the config class's own validation errors name ``where``."""
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    cls = config_class(model_type)
+    check_config_keys(values, cls, where)
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def read_config_dict(model: str) -> dict[str, Any]:
+    """The config.json of a local folder or Hub repo, read as data (no code runs)."""
+    values, _ = PretrainedConfig.get_config_dict(model)
+    return values
+
+
+def trust_remote_code_for(model: str, trust_remote_code: bool = False,
+                          log: Callable[[str], None] = print) -> bool:
+    """The ``trust_remote_code`` value to load ``model`` with, deciding before anything is loaded.
+
+    * ``trust_remote_code=True`` (the user asked): the folder's own code runs, as transformers does it.
+    * a model type this package provides (``pnet_llama``, ``parameternet``) or transformers has: the installed,
+      registered classes load it and no file of the folder is executed; said in the log when the folder ships code.
+    * otherwise (the folder's ``auto_map`` code is the only way to load it): ValueError asking for
+      ``--trust-remote-code``.
+    """
+    provided = register_installed_models()
+    values = read_config_dict(model)
+    model_type = values.get("model_type")
+    ships_code = bool(values.get("auto_map"))
+    if trust_remote_code:
+        if ships_code:
+            log(f"{model}: --trust-remote-code given: the folder's own modeling code (auto_map) will run")
+        return True
+    if model_type in provided:
+        if ships_code:
+            log(f"{model}: model_type {model_type!r} is provided by the installed pnet package: loading its "
+                "registered classes; the folder's code files are not executed (pass --trust-remote-code to run them)")
+        return False
+    if model_type in CONFIG_MAPPING:
+        return False
+    if ships_code:
+        raise ValueError(f"{model}: model_type {model_type!r} is neither a transformers model nor one this package "
+                         "provides; loading it means running the Python code in the folder (auto_map). Pass "
+                         "--trust-remote-code if you trust that code.")
+    raise ValueError(f"{model}: unknown model_type {model_type!r} and no auto_map: transformers cannot load it")
+
+
+def prepare_tokenizer_for_model(tokenizer: PreTrainedTokenizerBase,
+                                model_config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """Make ``tokenizer`` ready to be saved beside a model with config ``model_config`` (in place; returned).
+
+    * a pad token (LLaMA's tokenizer has none, and batched generation and classifier batches need one): ``<unk>``,
+      which byte-fallback text never produces, else EOS; the model config's ``pad_token_id`` is set to it when unset;
+    * ``model_max_length`` = the model's ``max_position_embeddings`` (what the model can attend over);
+    * no load-time settings (``local_files_only``, ``cache_dir``, ...) left to be written into tokenizer_config.json.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError("tokenizer has neither a pad, an unk nor an EOS token to pad with")
+    if getattr(model_config, "pad_token_id", None) is None:
+        model_config.pad_token_id = tokenizer.pad_token_id
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if max_positions is not None:
+        tokenizer.model_max_length = max_positions
+        tokenizer.init_kwargs["model_max_length"] = max_positions
+    for key in LOAD_TIME_TOKENIZER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer

@@ -1,0 +1,130 @@
+"""Plots of ``log.jsonl`` (field names from `pnet.run_log`): the training plot every training command writes, and
+the expert-load plot of the Table 7 runner."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from pnet import run_log as L
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> None:
+    """PNG of a training log, one panel per kind of record present:
+
+    * losses: the trained loss, the LM loss when it differs (PNet adds router losses), validation / evaluation loss;
+    * router losses: the load-balancing (aux) loss, 1.0 at uniform routing, and the z-loss (own axis);
+    * accuracy: evaluation accuracy (classifiers), raw and EMA weights;
+    * expert load over the whole run: per router and expert, the share of each log window's tokens whose top-1
+      choice is that expert (uniform = 1 / num_experts).
+    """
+    plt = _pyplot()
+    records = L.read_log(log_path)
+    train = L.train_records(records)
+    vals, evals = L.val_records(records), L.eval_records(records)
+    loads = [r for r in train if L.EXPERT_LOAD in r]
+    routed = any(r.get(L.AUX_LOSS) for r in train)
+    panels = ["loss"] + (["router"] if routed else []) + (["accuracy"] if evals else []) + (["load"] if loads else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+
+    ax = axes["loss"]
+    steps = [r[L.STEP] for r in train]
+    ax.plot(steps, [r[L.LOSS] for r in train], label="train loss", lw=1)
+    if routed:
+        ax.plot(steps, [r[L.LM_LOSS] for r in train], "--", label="train LM loss (without router losses)", lw=1)
+    for domain in (vals[0][L.VAL_LOSS] if vals else {}):
+        ax.plot([r[L.STEP] for r in vals], [r[L.VAL_LOSS][domain] for r in vals], "o-", ms=3,
+                label=f"validation LM loss: {domain}")
+    with_eval_loss = [r for r in evals if L.EVAL_LOSS in r]
+    if with_eval_loss:
+        ax.plot([r[L.STEP] for r in with_eval_loss], [r[L.EVAL_LOSS] for r in with_eval_loss], "o-", ms=3,
+                label="evaluation loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    if routed:
+        ax = axes["router"]
+        ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1, label="aux (load-balancing) loss")
+        ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
+        ax.set(xlabel="step", ylabel="aux loss (1.0 = uniform routing)", title="Router losses (before coefficients)")
+        twin = ax.twinx()
+        twin.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
+        twin.set_ylabel("z-loss", color="tab:red")
+        lines = ax.get_lines()[:1] + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+        ax.grid(alpha=0.3)
+
+    if evals:
+        ax = axes["accuracy"]
+        ax.plot([r[L.STEP] for r in evals], [r[L.EVAL_ACCURACY] for r in evals], "o-", label="evaluation accuracy")
+        ema = [r for r in evals if L.EVAL_ACCURACY_EMA in r]
+        if ema:
+            ax.plot([r[L.STEP] for r in ema], [r[L.EVAL_ACCURACY_EMA] for r in ema], "s--", label="EMA weights")
+        ax.set(xlabel="step", ylabel="accuracy", title="Accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    if loads:
+        ax = axes["load"]
+        names = loads[-1][L.ROUTER_NAMES]
+        experts = len(loads[-1][L.EXPERT_LOAD][0])
+        # rows: router-major (router 0 expert 0..E-1, router 1 ...); columns: log windows
+        matrix = [[window[L.EXPERT_LOAD][r][e] for window in loads] for r in range(len(names)) for e in range(experts)]
+        last_steps = [w[L.STEP] for w in loads]
+        first_step = loads[0][L.LOAD_WINDOW][0] if L.LOAD_WINDOW in loads[0] else last_steps[0]
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+                          extent=(first_step - 0.5, last_steps[-1] + 0.5, len(matrix) - 0.5, -0.5))
+        for r in range(1, len(names)):
+            ax.axhline(r * experts - 0.5, color="white", lw=0.6)
+        ax.set_yticks([r * experts + (experts - 1) / 2 for r in range(len(names))], names, fontsize=7)
+        ax.set(xlabel="step", ylabel=f"experts 0-{experts - 1} of each router",
+               title=f"Expert load (share of tokens; uniform = {1 / experts:.3f})")
+        fig.colorbar(image, ax=ax)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load_stacked(windows: list[dict[str, Any]], router_names: list[str], title: str,
+                             png_path: str | os.PathLike) -> None:
+    """Per router, each expert's share of the tokens of each log window, stacked, against training tokens.
+    ``windows``: [{"tokens": int, "load": [router][expert] shares}] in training order."""
+    plt = _pyplot()
+    from matplotlib.ticker import EngFormatter
+
+    tokens = [w["tokens"] for w in windows]
+    cols = min(4, len(router_names))
+    rows = math.ceil(len(router_names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for i, name in enumerate(router_names):
+        ax = axes[i // cols][i % cols]
+        shares = list(zip(*[w["load"][i] for w in windows]))  # experts x windows
+        ax.stackplot(tokens, shares, labels=[f"expert {e}" for e in range(len(shares))])
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("training tokens", fontsize=8)
+        ax.xaxis.set_major_formatter(EngFormatter())
+    for j in range(len(router_names), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    for r in range(rows):
+        axes[r][0].set_ylabel("share of tokens (top-1)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

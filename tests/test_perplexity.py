@@ -1,0 +1,250 @@
+"""pnet_eval.perplexity: lm-eval rolling-window perplexity from Python and `pnet-eval --perplexity`, checked against
+a direct computation with the model, plus input checks, the report columns and the bundled held-out text."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+from pnet_eval import perplexity, report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 16  # tokens per rolling window: every fixture document longer than one window
+# Short on purpose (2 CPU cores); sentences from the bundled held-out text and from everyday English.
+PLAIN_TEXT = (
+    "Because of an hereditary recklessness, I have been playing always a losing game since my childhood.\n"
+    "During my grammar school days, I was once laid up for about a week by jumping from the second story.\n"
+)
+JSONL_DOCS = [
+    "With a long, sonorous whistle the steamer came to a standstill, and a boat was seen making toward it.",
+    "Short one.",
+    "My teaching began at last. When I entered the class-room, I felt somewhat strange.",
+]
+METRIC_KEYS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny PNet-LLaMA (up_proj routed over 4 experts) with the LLaMA tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-pnet"
+    torch.manual_seed(0)
+    config = PNetLlamaConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        num_experts=4,
+        moe_projections=["up"],
+    )
+    PNetLlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("texts")
+    (root / "story.txt").write_text(PLAIN_TEXT, encoding="utf-8")
+    with gzip.open(root / "chapters.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i, text in enumerate(JSONL_DOCS):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return {"story": root / "story.txt", "chapters": root / "chapters.jsonl.gz"}
+
+
+@pytest.fixture(scope="module")
+def python_results(tiny_model_dir, text_files, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ppl_python")
+    summaries = perplexity.evaluate_perplexity(
+        str(tiny_model_dir), [text_files["story"], text_files["chapters"]], max_length=WINDOW, device="cpu",
+        output_dir=out,
+    )
+    assert len(summaries) == 1
+    written = json.loads((out / tiny_model_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
+    assert written == json.loads(json.dumps(summaries[0]))
+    return written
+
+
+def reference_loglikelihood(model, ids: list[int], prefix: int, window: int) -> float:
+    """Direct NLL over lm-eval's rolling windows: the text's tokens are cut into chunks of `window`; each chunk is
+    scored by one forward pass over the `window` tokens that end just before its last token, the prefix token
+    standing in front of the text (so the first chunk reads [prefix] + chunk[:-1])."""
+    sequence = [prefix] + ids
+    total = 0.0
+    for start in range(0, len(ids), window):
+        end = min(start + window, len(ids))
+        inputs = sequence[max(0, end - window) : end]  # ends just before ids[end - 1] (= sequence[end])
+        targets = ids[start:end]
+        with torch.no_grad():
+            logits = model(torch.tensor([inputs])).logits[0].double()
+        log_probs = logits[-len(targets) :].log_softmax(-1)
+        total += log_probs[torch.arange(len(targets)), torch.tensor(targets)].sum().item()
+    return total
+
+
+def test_python_figures_equal_direct_computation(python_results, tiny_model_dir):
+    """LL, token count and all four metrics equal a computation with the model over the same windows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    files = python_results["files"]
+    assert set(files) == {"story", "chapters"}
+    for label, docs, fmt in (("story", [PLAIN_TEXT], "text"), ("chapters", JSONL_DOCS, "jsonl")):
+        entry = files[label]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in docs]
+        assert max(map(len, ids)) > WINDOW  # several windows, a partial last one (49 = 3 x 16 + 1; 28 = 16 + 12)
+        ll = sum(reference_loglikelihood(model, x, tokenizer.bos_token_id, WINDOW) for x in ids)
+        tokens = sum(map(len, ids))
+        words = sum(len(text.split()) for text in docs)
+        n_bytes = sum(len(text.encode("utf-8")) for text in docs)
+        assert (entry["format"], entry["docs"], entry["tokens"], entry["words"], entry["bytes"]) == (
+            fmt, len(docs), tokens, words, n_bytes
+        )
+        assert entry["max_length"] == WINDOW and entry["prefix_token_id"] == tokenizer.bos_token_id
+        assert entry["loglikelihood"] == pytest.approx(ll, rel=1e-6)  # fp32 model vs float64 log-softmax: ~1e-8
+        assert entry["token_perplexity"] == pytest.approx(math.exp(-ll / tokens), rel=1e-5)
+        assert entry["word_perplexity"] == pytest.approx(math.exp(-ll / words), rel=1e-5)
+        assert entry["byte_perplexity"] == pytest.approx(math.exp(-ll / n_bytes), rel=1e-5)
+        assert entry["bits_per_byte"] == pytest.approx(-ll / n_bytes / math.log(2), rel=1e-5)
+        # A random-init model over 32000 tokens: the figures must not be degenerate.
+        assert 1e3 < entry["token_perplexity"] < 1e6
+
+
+def test_cli_gives_the_python_numbers(python_results, tiny_model_dir, text_files, tmp_path):
+    """`pnet-eval DIR --perplexity ...` in a fresh process writes the same numbers (and no zero-shot results)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "pnet_eval.zero_shot", str(tiny_model_dir), "--perplexity", str(text_files["story"]),
+        str(text_files["chapters"]), "--max-length", str(WINDOW), "--device", "cpu", "--output-dir", str(tmp_path),
+    ]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / tiny_model_dir.name
+    assert not (out / "pnet_eval_results.json").exists()
+    cli = json.loads((out / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
+    for label, entry in python_results["files"].items():
+        for key in ("docs", "tokens", "words", "bytes", "sha256"):
+            assert cli["files"][label][key] == entry[key]
+        for key in ("loglikelihood", *METRIC_KEYS):
+            assert cli["files"][label][key] == pytest.approx(entry[key], rel=1e-9, abs=1e-9), (label, key)
+    assert "token_perplexity" in run.stdout
+
+
+def test_results_merge_per_file(tiny_model_dir, text_files, tmp_path):
+    """A second run on another file adds its entry and keeps the first one."""
+    for name in ("story", "chapters"):
+        perplexity.evaluate_perplexity(
+            str(tiny_model_dir), text_files[name], max_length=WINDOW, device="cpu", output_dir=tmp_path
+        )
+    written = json.loads((tmp_path / tiny_model_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
+    assert set(written["files"]) == {"story", "chapters"}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "missing.txt' does not exist"),
+        ("empty.txt", "  \n\n", "empty.txt: empty file"),
+        ("empty.jsonl", "\n", "empty.jsonl: no documents"),
+        ("rows.jsonl", '{"text": "fine"}\n{"body": "x"}\n', "rows.jsonl:2: no 'text' field (fields: ['body'])"),
+        ("rows.jsonl", '{"text": "fine"}\n\n{"text": ""}\n', "rows.jsonl:3: 'text' is empty"),
+        ("rows.jsonl", '{"text": 3}\n', "rows.jsonl:1: 'text' is int, not a string"),
+        ("rows.jsonl", '{"text": "a"}\n{"text": \n', "rows.jsonl:2: not valid JSON"),
+        ("rows.jsonl", '["text"]\n', "rows.jsonl:1: expected a JSON object, got list"),
+        ("latin1.txt", b"caf\xe9\n", "latin1.txt: not UTF-8 text"),
+    ],
+)
+def test_bad_files_fail_before_any_model_work(name, content, message, tiny_model_dir, tmp_path, monkeypatch):
+    import lm_eval.api.registry
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the files were checked")
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", no_model)
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    good = tmp_path / "good.txt"
+    good.write_text("Some text.", encoding="utf-8")
+    with pytest.raises((FileNotFoundError, ValueError)) as error:
+        perplexity.evaluate_perplexity(str(tiny_model_dir), [good, path], device="cpu", output_dir=tmp_path)
+    assert message in str(error.value)
+    assert not (tmp_path / tiny_model_dir.name).exists()
+
+
+def test_cli_errors(tiny_model_dir, tmp_path, capsys):
+    from pnet_eval import zero_shot
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "x"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        zero_shot.main([str(tiny_model_dir), "--perplexity", str(bad), "--text-field", "body"])
+    assert exit_info.value.code == 2
+    assert f"pnet-eval: error: {bad}:1: no 'body' field (fields: ['content'])" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bad zero-shot task name fails before the perplexity run
+        zero_shot.main([str(tiny_model_dir), "--perplexity", "heldout", "--tasks", "arc_challenge"])
+    assert "unknown task(s) ['arc_challenge']" in capsys.readouterr().err
+
+
+def test_file_labels_are_unique(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "notes.txt").write_text("text")
+    loaded = perplexity.load_text_files(
+        [tmp_path / "a" / "notes.txt", tmp_path / "b" / "notes.txt", "heldout", f"b_notes={tmp_path / 'b/notes.txt'}"]
+    )
+    assert [f.label for f in loaded] == ["notes", "notes-2", "botchan", "b_notes"]
+    assert loaded[1].path == loaded[3].path == (tmp_path / "b" / "notes.txt").resolve()
+    with pytest.raises(ValueError, match="label 'my notes'"):
+        perplexity.load_text_files(f"my notes={tmp_path / 'a' / 'notes.txt'}")
+
+
+def test_report_shows_perplexity_columns(python_results, tiny_model_dir, tmp_path):
+    """pnet-report adds word PPL / BPB / token PPL columns per file, '-' for a model without them."""
+    with_ppl, without = tmp_path / "with-ppl", tmp_path / "without"
+    for folder in (with_ppl, without):
+        folder.mkdir()
+        (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (with_ppl / perplexity.PERPLEXITY_RESULTS_FILE).write_text(json.dumps(python_results))
+    table = report.build_table([report.load_model_results(with_ppl), report.load_model_results(without)])
+    markdown = report.render_markdown(table)
+    header = markdown.splitlines()[0]
+    for title in ("story word PPL", "story BPB", "story token PPL", "chapters word PPL", "chapters token PPL"):
+        assert f"| {title} " in header
+    story = python_results["files"]["story"]
+    rows = markdown.splitlines()[2:4]
+    assert f"| {story['bits_per_byte']:.3f} | {story['token_perplexity']:.2f} |" in rows[0]
+    assert rows[1].rstrip(" |").endswith("- | - | - | - | - | -")
+    assert "story: lm-eval `loglikelihood_rolling` perplexity (1 docs" in markdown
+    assert table["rows"][0]["perplexity"]["story"]["token_perplexity"] == story["token_perplexity"]
+    # No perplexity results anywhere: the table keeps the paper's columns only.
+    plain = report.render_markdown(report.build_table([report.load_model_results(without)]))
+    assert "PPL" not in plain.splitlines()[0]
+
+
+def test_bundled_heldout_text():
+    """The bundled file is what scripts/make_heldout_text.py writes (sha256 of the uncompressed JSON Lines, as in
+    eval/data/heldout/README.md): 11 chapters of Botchan, read like any user file."""
+    raw = gzip.decompress(perplexity.HELDOUT_FILE.read_bytes())
+    readme = (perplexity.HELDOUT_FILE.parent / "README.md").read_text()
+    assert hashlib.sha256(raw).hexdigest() in readme
+    (loaded,) = perplexity.load_text_files("heldout")
+    assert loaded.label == "botchan" and loaded.format == "jsonl" and len(loaded.texts) == 11
+    assert sum(len(t.split()) for t in loaded.texts) == 46277
+    rows = [json.loads(line) for line in raw.decode().splitlines()]
+    assert [r["title"].rsplit(" ", 1)[1] for r in rows] == "I II III IV V VI VII VIII IX X XI".split()
+    assert all("[" not in r["text"] and "Gutenberg" not in r["text"] for r in rows)
