@@ -97,7 +97,7 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
     return math.ceil(num_tokens / num_experts * capacity_factor)
 
 
-def _use_grouped_mm(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_grouped_mm(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.grouped_mm` takes these operands. The rules transformers applies to its own experts
     (`transformers.integrations.moe._can_use_grouped_mm`): under `torch.compile` / `torch.export` only bfloat16 (the
     fake-tensor rule rejects other dtypes); on CUDA bfloat16 on compute capability >= 8.0; on CPU float32, bfloat16
@@ -175,7 +175,7 @@ def grouped_linear(sorted_states: torch.Tensor, weight: torch.Tensor, end_offset
     """Rows of `sorted_states` grouped by expert (group e ends at `end_offsets[e]`, int32) times their expert's
     `weight[e].T`: one `F.grouped_mm` where it takes the operands, else the per-expert custom operator. Both are
     differentiable and traceable by `torch.compile` / `torch.export`."""
-    if _use_grouped_mm(sorted_states, weight):
+    if use_grouped_mm(sorted_states, weight):
         return F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
     return torch.ops.pnet.per_expert_mm(sorted_states, weight, end_offsets)
 
@@ -191,7 +191,7 @@ class _PermutedGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, weight, order, inverse_order, end_offsets):
         sorted_states = hidden_states.index_select(0, order)
-        grouped = _use_grouped_mm(sorted_states, weight)
+        grouped = use_grouped_mm(sorted_states, weight)
         if grouped:
             sorted_out = F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
         else:
@@ -292,7 +292,7 @@ class ExpertLinear(nn.Module):
         gather of that one expert."""
         if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
             return F.linear(hidden_states, self.weight[expert_index.item()])
-        if _use_grouped_mm(hidden_states, self.weight):
+        if use_grouped_mm(hidden_states, self.weight):
             end_offsets = (torch.arange(self.num_experts, device=expert_index.device) >= expert_index).to(torch.int32)
             return F.grouped_mm(hidden_states, self.weight.transpose(-2, -1), offs=end_offsets)
         return F.linear(hidden_states, self.weight.index_select(0, expert_index)[0])
@@ -815,4 +815,5 @@ __all__ = [
     "grouped_linear",
     "load_balancing_loss",
     "router_z_loss",
+    "use_grouped_mm",
 ]

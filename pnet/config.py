@@ -305,6 +305,15 @@ def _check_augment(augment: AugmentConfig) -> AugmentConfig:
     return augment
 
 
+class TrainSubsetConfig(ConfigModel):
+    """A fixed share of the training split (`pnet.vision_data.stratified_subset`), the same for every run seed."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)]
+    """share of each class's training examples kept (round(fraction x count), at least 1); 1: all"""
+    seed: NonNegativeInt = 0
+    """seed of the draw, independent of the run's seed"""
+
+
 class ImageDataConfig(ConfigModel):
     """An image classification dataset: Hub id, ``imagefolder`` directory or folder of IDX files."""
 
@@ -317,6 +326,8 @@ class ImageDataConfig(ConfigModel):
     label_column: str = "label"
     limit: PositiveInt | None = None
     """keep the first N examples of every split (quick runs)"""
+    train_subset: TrainSubsetConfig | None = None
+    """train on a fixed share of train_split, drawn per class (null: all of it)"""
 
 
 class VisionTrainConfig(CheckpointedTrainingConfig):

@@ -103,6 +103,19 @@ class ZeroShotSettings(ConfigModel):
     batch_size: Annotated[int, Field(strict=True, gt=0)] = 1
 
 
+class PerplexityStage(ConfigModel):
+    """Held-out perplexity of every row's final model (`pnet_eval.perplexity.evaluate_perplexity`, the same as
+    ``pnet-eval DIR --perplexity FILE ...``); `pnet-report` adds its figures as columns."""
+
+    files: list[str] = Field(default_factory=list)
+    """texts to score (jsonl with a text field, or plain text; "heldout": the bundled held-out text); empty: skip"""
+    max_length: Annotated[int, Field(strict=True, gt=0)] | None = None
+    """rolling-window length in tokens (null: the model's context length)"""
+    prefix_token_id: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """token that conditions each document's first window (null: lm-eval's default, BOS)"""
+    batch_size: Annotated[int, Field(strict=True, gt=0)] = 1
+
+
 class Sst2Stage(ConfigModel):
     """Whether and how to fine-tune SST-2 (`pnet.finetune`)."""
 
@@ -140,6 +153,7 @@ class ReplicateConfig(ConfigModel):
     """pretraining settings for every row, {dotted key: value}"""
     moe: dict[str, Any] = Field(default_factory=dict)
     """PNetLlamaConfig router settings of the MoE rows"""
+    perplexity: PerplexityStage = Field(default_factory=PerplexityStage)
     sst2: Sst2Stage = Field(default_factory=Sst2Stage)
     plots: PlotSettings = Field(default_factory=PlotSettings)
 
@@ -262,6 +276,17 @@ def zero_shot_command(config: ReplicateConfig, model_dir: Path) -> list[str]:
     return command
 
 
+def perplexity_command(config: ReplicateConfig, model_dir: Path) -> list[str]:
+    """The ``pnet-eval --perplexity`` command equivalent to the perplexity stage (for the report)."""
+    stage = config.perplexity
+    command = ["pnet-eval", str(model_dir), "--perplexity", *stage.files, "--batch-size", str(stage.batch_size)]
+    if stage.max_length is not None:
+        command += ["--max-length", str(stage.max_length)]
+    if stage.prefix_token_id is not None:
+        command += ["--prefix-token-id", str(stage.prefix_token_id)]
+    return command
+
+
 def sst2_command(config: ReplicateConfig, model_dir: Path) -> list[str]:
     return ["python", "scripts/finetune_sst2.py", str(model_dir),
             *[f"{key}={yaml_value(value)}" for key, value in config.sst2.overrides.items()]]
@@ -301,6 +326,7 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     """Pretrain, evaluate and (optionally) fine-tune one row, skipping the stages already done."""
     from pnet.finetune import finetune
+    from pnet_eval.perplexity import evaluate_perplexity
     from pnet_eval.zero_shot import evaluate
 
     root = Path(config.output_root)
@@ -327,23 +353,25 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
         write_json_atomic(run_dir / STATE_FILE, state)
 
     final = run_dir / "final"
-    if "zero_shot" in state["done"]:
-        print(f"[{row.name}] zero_shot finished earlier: skipped", flush=True)
-    else:
-        print("$ " + shlex.join(zero_shot_command(config, final)), flush=True)
-        zs = config.zero_shot
-        limit = int(zs.limit) if zs.limit is not None and zs.limit >= 1 else zs.limit
-        evaluate(str(final), tasks=zs.tasks, data_dir=zs.data_dir, limit=limit, batch_size=zs.batch_size)
-        state["done"].append("zero_shot")
-        write_json_atomic(run_dir / STATE_FILE, state)
+    zs, ppl = config.zero_shot, config.perplexity
+    limit = int(zs.limit) if zs.limit is not None and zs.limit >= 1 else zs.limit
+    stages = [("zero_shot", zero_shot_command(config, final),
+               lambda: evaluate(str(final), tasks=zs.tasks, data_dir=zs.data_dir, limit=limit,
+                                batch_size=zs.batch_size))]
+    if ppl.files:
+        stages.append(("perplexity", perplexity_command(config, final),
+                       lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
+                                                   batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id)))
     if config.sst2.enabled:
-        if "sst2" in state["done"]:
-            print(f"[{row.name}] sst2 finished earlier: skipped", flush=True)
-        else:
-            print("$ " + shlex.join(sst2_command(config, final)), flush=True)
-            finetune(config.finetune_config(str(final)))
-            state["done"].append("sst2")
-            write_json_atomic(run_dir / STATE_FILE, state)
+        stages.append(("sst2", sst2_command(config, final), lambda: finetune(config.finetune_config(str(final)))))
+    for name, command, run in stages:
+        if name in state["done"]:
+            print(f"[{row.name}] {name} finished earlier: skipped", flush=True)
+            continue
+        print("$ " + shlex.join(command), flush=True)
+        run()
+        state["done"].append(name)
+        write_json_atomic(run_dir / STATE_FILE, state)
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -568,6 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         commands.append(shlex.join(read_state(root / row.name)["pretrain_command"]))
         commands.append(shlex.join(zero_shot_command(config, root / row.name / "final")))
+        if config.perplexity.files:
+            commands.append(shlex.join(perplexity_command(config, root / row.name / "final")))
         if config.sst2.enabled:
             commands.append(shlex.join(sst2_command(config, root / row.name / "final")))
     commands.append(shlex.join(["pnet-report", *map(str, finals), "--out", str(report_md), "--loss-window",

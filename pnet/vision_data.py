@@ -3,6 +3,8 @@
 * `load_image_dataset` returns a `datasets.DatasetDict` with an `image` (PIL) and a `label` (ClassLabel) column from
   a Hub id (e.g. ImageNet), a local `imagefolder` directory or a folder of MNIST-style IDX `.gz` files
   (Fashion-MNIST); every source then goes through the same transforms and training loop.
+* `stratified_subset`: a fixed, seeded share of a split drawn per class (``data.train_subset``), the same for every
+  run that asks for it whatever the run's own seed.
 * `RandAugment` (Cubuk et al. 2020, the timm `rand-m9-mstd0.5` flavour), `RandomErasing` (Zhong et al. 2020, per-pixel
   normal noise as in timm), `random_resized_crop` and `TrainTransform` / `EvalTransform`, which end in the model's
   `ParameterNetImageProcessor` so training and inference normalise identically.
@@ -79,6 +81,28 @@ def load_image_dataset(
         else:
             data = datasets.DatasetDict({split: ds.select(range(min(limit, len(ds)))) for split, ds in data.items()})
     return data
+
+
+def stratified_subset(dataset: datasets.Dataset, fraction: float, seed: int,
+                      label_column: str = "label") -> datasets.Dataset:
+    """A fixed share of ``dataset`` drawn per class: each class keeps round(fraction x its count) examples (at least
+    one), so a balanced dataset gives a balanced subset and an unbalanced one keeps its class shares.
+
+    The draw depends only on (labels, fraction, seed), not on any training seed: every run asking for the same
+    share sees the same examples. Each class's examples are permuted once by ``seed`` and the first ones kept, so
+    a smaller share's subset lies inside a larger one's. The examples keep the dataset's order.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train subset fraction={fraction} invalid; allowed: 0 < fraction <= 1")
+    if fraction == 1:
+        return dataset
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep.append(rng.permutation(members)[: max(1, round(fraction * len(members)))])
+    return dataset.select(np.sort(np.concatenate(keep)).tolist())
 
 
 # --- augmentation -----------------------------------------------------------------------------------------------------

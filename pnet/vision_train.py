@@ -51,7 +51,14 @@ from pnet.model_loading import vision_classes
 from pnet.plots import plot_training
 from pnet.pretrain import apply_optimizer_settings, build_optimizer, make_accelerator
 from pnet.vision_counting import count_vision
-from pnet.vision_data import AugmentedDataset, EvalTransform, TrainTransform, collate, load_image_dataset
+from pnet.vision_data import (
+    AugmentedDataset,
+    EvalTransform,
+    TrainTransform,
+    collate,
+    load_image_dataset,
+    stratified_subset,
+)
 
 CONFIG_FILE = "train_config.yaml"
 RESULTS_FILE = "results.json"
@@ -125,6 +132,8 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
         if column != standard:
             train_data, eval_data = (d.rename_column(column, standard) for d in (train_data, eval_data))
     label_names = train_data.features["label"].names
+    if data_cfg.train_subset is not None:
+        train_data = stratified_subset(train_data, data_cfg.train_subset.fraction, data_cfg.train_subset.seed)
 
     # --- run length and resume (all checks before the model is built) -----------------------------------------------
     steps_per_epoch = len(train_data) // config.micro_batch_size // accelerator.num_processes
@@ -259,7 +268,8 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
     saver.publish()  # the last step's weights: their evaluation loss is finite
     train_metrics = evaluate(final_model, train_eval_loader, accelerator)
     results = {
-        "model_config": config.model, "steps": step, "total_params": counts.total_params,
+        "model_config": config.model, "steps": step, "train_samples": len(train_data),
+        "total_params": counts.total_params,
         "flops": counts.flops, "image_size": model.config.image_size,
         "num_experts": getattr(model.config, "num_experts", None),
         **metrics, "test_accuracy": final_accuracy, L.TRAIN_ACCURACY: train_metrics["accuracy"],

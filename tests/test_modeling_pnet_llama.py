@@ -87,9 +87,9 @@ def test_expert_linear_matches_reference_values_and_gradients(monkeypatch, out_f
     expert_index = torch.tensor([4, 0, 2, 0, 4, 4, 2, 0, 0, 2, 4])  # experts 1 and 3 get no tokens
     hidden = torch.randn(len(expert_index), 12, requires_grad=True)
     # out_features 7 (28-byte rows) is rejected by grouped_mm's kernels and takes the per-expert fallback.
-    assert pnet_modeling._use_grouped_mm(hidden, experts.weight) == (out_features == 8)
+    assert pnet_modeling.use_grouped_mm(hidden, experts.weight) == (out_features == 8)
     if not use_grouped_mm:
-        monkeypatch.setattr(pnet_modeling, "_use_grouped_mm", lambda *args: False)
+        monkeypatch.setattr(pnet_modeling, "use_grouped_mm", lambda *args: False)
     scale = torch.rand(len(expert_index), requires_grad=True)
     output = experts(hidden, expert_index, scale)
     upstream = torch.randn_like(output)  # a real upstream gradient: grouped_mm rejects stride-0 ones
@@ -128,7 +128,7 @@ def test_bf16_autocast_training_step_uses_grouped_mm_and_matches_fallback(monkey
         model = PNetLlamaForCausalLM(config)
         with monkeypatch.context() as patch:
             if not use_grouped_mm:
-                patch.setattr(pnet_modeling, "_use_grouped_mm", lambda *args: False)
+                patch.setattr(pnet_modeling, "use_grouped_mm", lambda *args: False)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 output = model(input_ids, labels=input_ids)
             output.loss.backward()

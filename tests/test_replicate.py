@@ -45,6 +45,8 @@ def smoke_config(tmp_path: Path) -> Path:
     values["sst2"]["overrides"].update({"epochs": 1, "data.max_train_samples": 16, "data.max_eval_samples": 16,
                                         "data.seq_len": 64})
     values["zero_shot"].update(limit=4, batch_size=4)
+    (tmp_path / "heldout.txt").write_text("A small held-out text, scored in rolling windows of 32 tokens. " * 8)
+    values["perplexity"].update(files=[f"smoke={tmp_path / 'heldout.txt'}"], max_length=32)
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -94,6 +96,11 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
 
     markdown = report.read_text()
     assert "| dense | - |" in markdown and "| up-e8 | 8 (up) |" in markdown
+    assert "smoke word PPL" in markdown  # the held-out perplexity columns
+    for row in ("dense", "up-e8"):
+        ppl = json.loads((tmp_path / "runs" / row / "final" / "pnet_perplexity_results.json").read_text())
+        assert ppl["files"]["smoke"]["max_length"] == 32 and ppl["files"]["smoke"]["prefix_token_id"] == 2
+        assert 1.0 < ppl["files"]["smoke"]["token_perplexity"] < 2 * 32000
     for png in ("table7-smoke-val-loss.png", "table7-smoke-expert-load.png"):
         path = report.with_name(png)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
@@ -103,10 +110,10 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
     # runner recorded it: the runner continues it with --resume (which only exports) and skips its evaluations.
     state_path = tmp_path / "runs/up-e8/replicate_state.json"
     state = json.loads(state_path.read_text())
-    state_path.write_text(json.dumps({**state, "done": ["zero_shot", "sst2"]}))
+    state_path.write_text(json.dumps({**state, "done": ["zero_shot", "perplexity", "sst2"]}))
     rerun = run_runner(config)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert rerun.stdout.count("finished earlier: skipped") == 5
+    assert rerun.stdout.count("finished earlier: skipped") == 7
     assert "[up-e8] continuing pretraining from checkpoint-6" in rerun.stdout
     resumed = [line for line in rerun.stdout.splitlines() if line.startswith("$ python -m pnet.pretrain")]
     assert len(resumed) == 1 and "output_dir=" + str(tmp_path / "runs/up-e8") in resumed[0]

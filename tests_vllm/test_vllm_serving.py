@@ -262,7 +262,7 @@ def test_routed_linear_op(dtype):
     weight = torch.randn(6, 96, 64, generator=generator, dtype=torch.float64).to(dtype)
     expert_index = torch.randint(0, 4, (37,), generator=generator)  # experts 4 and 5 get no token
     expected = torch.stack([weight[e].double() @ hidden[t].double() for t, e in enumerate(expert_index.tolist())])
-    assert vllm_pnet_llama._grouped_mm_supported(hidden, weight) == (dtype != torch.float64)
+    assert vllm_pnet_llama.use_grouped_mm(hidden, weight) == (dtype != torch.float64)
     got = torch.ops.vllm.pnet_routed_linear(hidden, weight, expert_index)
     assert got.dtype == dtype and got.shape == (37, 96)
     tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
