@@ -73,12 +73,21 @@ class TopOneRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
-        hidden_states = hidden_states.reshape(-1, self.in_features).float()
+        # (Conversions only where needed: in decoding every op of the router is a measurable share of a token.)
+        if hidden_states.dim() != 2:
+            hidden_states = hidden_states.reshape(-1, self.in_features)
+        if hidden_states.dtype != torch.float32:
+            hidden_states = hidden_states.float()
         if self.training and self.jitter_noise > 0:
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        router_logits = F.linear(hidden_states, self.weight.float())
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        if torch.is_autocast_enabled(hidden_states.device.type):  # autocast would run the matmul in bf16/fp16
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                router_logits = F.linear(hidden_states, weight)
+        else:
+            router_logits = F.linear(hidden_states, weight)
         router_probs = torch.softmax(router_logits, dim=-1)
         top_prob, expert_index = router_probs.max(dim=-1)
         if self.expert_output_scaling == "straight_through":
@@ -254,7 +263,8 @@ class ExpertLinear(nn.Module):
         autocast = torch.is_autocast_enabled(hidden_states.device.type)
         if autocast:
             hidden_states = hidden_states.to(torch.get_autocast_dtype(hidden_states.device.type))
-        expert_scale = expert_scale.to(hidden_states.dtype)
+        if expert_scale.dtype != hidden_states.dtype:
+            expert_scale = expert_scale.to(hidden_states.dtype)
         if self.num_experts == 1 and self.capacity_factor is None:
             return F.linear(hidden_states, self.weight[0]) * expert_scale[:, None]
         if num_tokens == 1:  # decode; a capacity of ceil(1 / E * factor) >= 1 never drops the token

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -247,12 +248,18 @@ class LoadSampler:
 
 def estimated_cost(run: Run) -> float:
     """Relative cost of a run, for longest-first scheduling: training FLOPs per image x images seen."""
+    # Every run reads the same training split, so epochs x share is proportional to its steps.
+    return training_flops(run.config.model) * (run.config.max_steps or run.config.epochs * run.fraction)
+
+
+@functools.lru_cache(maxsize=None)
+def training_flops(model_file: str) -> int:
+    """Forward FLOPs per image of the model as trained (`pnet-count`; RepConv: with its parallel branches)."""
     from pnet.vision_counting import count_vision
 
-    counts = count_vision(run.config.build_model_config().to_dict(), name=run.model)
-    flops = counts.details.get("training_flops", counts.flops)
-    # Every run reads the same training split, so epochs x share is proportional to its steps.
-    return flops * (run.config.max_steps or run.config.epochs * run.fraction)
+    with open(model_file, encoding="utf-8") as f:
+        counts = count_vision(json.load(f), name=os.path.basename(model_file))
+    return counts.details.get("training_flops", counts.flops)
 
 
 def execute(config: LowFlopsTrapConfig, runs: list[Run], invocation: str) -> None:

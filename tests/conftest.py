@@ -25,3 +25,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"offline data pack not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_pnet_dir(tmp_path_factory) -> Path:
+    """A saved tiny PNet-LLaMA (up_proj routed over 4 experts, random weights) with the LLaMA tokenizer."""
+    from transformers import AutoTokenizer
+
+    from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("models") / "tiny-pnet"
+    torch.manual_seed(0)
+    config = PNetLlamaConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        num_experts=4,
+        moe_projections=["up"],
+    )
+    PNetLlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
+    return path

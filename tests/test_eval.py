@@ -13,11 +13,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from huggingface_hub import ModelCard
-from transformers import AutoTokenizer
 
-from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
 from pnet_eval import model_card, report, zero_shot
 from pnet_eval.tasks.local_data import BUNDLED_DATA_DIR, resolve_data_files
 
@@ -55,27 +52,6 @@ def fixture_data_dir(tmp_path_factory) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("".join(json.dumps(r) + "\n" for r in _bundled_rows(rel, n)))
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_pnet_dir(tmp_path_factory) -> Path:
-    """A saved tiny PNet-LLaMA (up_proj routed over 4 experts) with the LLaMA tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-pnet"
-    torch.manual_seed(0)
-    config = PNetLlamaConfig(
-        vocab_size=32000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        num_experts=4,
-        moe_projections=["up"],
-    )
-    PNetLlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------- bundled data

@@ -8,6 +8,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -374,17 +375,21 @@ def test_supported_transformers_range_is_declared_once_and_enforced_at_import(re
 
     pyproject = (repo_root / "pyproject.toml").read_text()
     assert f'"{TRANSFORMERS_REQUIREMENT}",' in pyproject  # the package metadata declares the same range
+    major, minor = map(int, re.fullmatch(r"transformers>=(\d+)\.(\d+),<\d+", TRANSFORMERS_REQUIREMENT).groups())
     # An installed transformers outside the range: importing the model code raises, naming both.
-    script = (
-        "import importlib.metadata as metadata\n"
-        "real = metadata.version\n"
-        "metadata.version = lambda name: '5.18.0' if name == 'transformers' else real(name)\n"
-        "import modeling_pnet_llama\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo_root,
-                            timeout=120)
-    assert result.returncode != 0
-    assert "transformers>=5.19,<6" in result.stderr and "transformers==5.18.0" in result.stderr, result.stderr[-2000:]
+    for outside in (f"{major}.{minor - 1}.0", f"{major + 1}.0.0"):
+        script = (
+            "import importlib.metadata as metadata\n"
+            "real = metadata.version\n"
+            f"metadata.version = lambda name: {outside!r} if name == 'transformers' else real(name)\n"
+            "import modeling_pnet_llama\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo_root,
+                                timeout=120)
+        assert result.returncode != 0
+        assert TRANSFORMERS_REQUIREMENT in result.stderr and f"transformers=={outside}" in result.stderr, (
+            result.stderr[-2000:]
+        )
 
 
 def test_dense_llama_of_the_same_weights_matches_at_one_expert():

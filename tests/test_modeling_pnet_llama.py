@@ -135,6 +135,20 @@ def test_bf16_autocast_training_step_uses_grouped_mm_and_matches_fallback(monkey
         experts = getattr(model.model.layers[0].mlp, f"{projection}_proj")
         return output.loss.detach(), experts.weight.grad
 
+    # Switch's selective precision: the router computes in float32 under autocast too.
+    torch.manual_seed(0)
+    model = PNetLlamaForCausalLM(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        router_logits = model(input_ids, output_router_logits=True).router_logits
+    assert all(logits.dtype == torch.float32 for logits in router_logits)
+    router = getattr(model.model.layers[0].mlp, f"{projection}_router")
+    router_input = {}
+    router.register_forward_hook(lambda module, args, output: router_input.update(x=args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids, output_router_logits=True).router_logits[0]
+    expected = router_input["x"].reshape(-1, router.in_features).float() @ router.weight.float().T
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
     loss, grad = loss_and_grads(use_grouped_mm=True)
     assert calls and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in calls)
     assert grad.dtype == torch.float32 and grad.abs().max() > 0  # the fp32 master weight gets its gradient

@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
 from pnet_eval import perplexity, report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,27 +34,6 @@ METRIC_KEYS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_per
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved tiny PNet-LLaMA (up_proj routed over 4 experts) with the LLaMA tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-pnet"
-    torch.manual_seed(0)
-    config = PNetLlamaConfig(
-        vocab_size=32000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        num_experts=4,
-        moe_projections=["up"],
-    )
-    PNetLlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def text_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("texts")
     (root / "story.txt").write_text(PLAIN_TEXT, encoding="utf-8")
@@ -66,14 +44,14 @@ def text_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def python_results(tiny_model_dir, text_files, tmp_path_factory) -> dict:
+def python_results(tiny_pnet_dir, text_files, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ppl_python")
     summaries = perplexity.evaluate_perplexity(
-        str(tiny_model_dir), [text_files["story"], text_files["chapters"]], max_length=WINDOW, device="cpu",
+        str(tiny_pnet_dir), [text_files["story"], text_files["chapters"]], max_length=WINDOW, device="cpu",
         output_dir=out,
     )
     assert len(summaries) == 1
-    written = json.loads((out / tiny_model_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
+    written = json.loads((out / tiny_pnet_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
     assert written == json.loads(json.dumps(summaries[0]))
     return written
 
@@ -95,10 +73,10 @@ def reference_loglikelihood(model, ids: list[int], prefix: int, window: int) -> 
     return total
 
 
-def test_python_figures_equal_direct_computation(python_results, tiny_model_dir):
+def test_python_figures_equal_direct_computation(python_results, tiny_pnet_dir):
     """LL, token count and all four metrics equal a computation with the model over the same windows."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pnet_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pnet_dir).eval()
     files = python_results["files"]
     assert set(files) == {"story", "chapters"}
     for label, docs, fmt in (("story", [PLAIN_TEXT], "text"), ("chapters", JSONL_DOCS, "jsonl")):
@@ -122,16 +100,16 @@ def test_python_figures_equal_direct_computation(python_results, tiny_model_dir)
         assert 1e3 < entry["token_perplexity"] < 1e6
 
 
-def test_cli_gives_the_python_numbers(python_results, tiny_model_dir, text_files, tmp_path):
+def test_cli_gives_the_python_numbers(python_results, tiny_pnet_dir, text_files, tmp_path):
     """`pnet-eval DIR --perplexity ...` in a fresh process writes the same numbers (and no zero-shot results)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "pnet_eval.zero_shot", str(tiny_model_dir), "--perplexity", str(text_files["story"]),
+        sys.executable, "-m", "pnet_eval.zero_shot", str(tiny_pnet_dir), "--perplexity", str(text_files["story"]),
         str(text_files["chapters"]), "--max-length", str(WINDOW), "--device", "cpu", "--output-dir", str(tmp_path),
     ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = tmp_path / tiny_model_dir.name
+    out = tmp_path / tiny_pnet_dir.name
     assert not (out / "pnet_eval_results.json").exists()
     cli = json.loads((out / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
     for label, entry in python_results["files"].items():
@@ -142,13 +120,13 @@ def test_cli_gives_the_python_numbers(python_results, tiny_model_dir, text_files
     assert "token_perplexity" in run.stdout
 
 
-def test_results_merge_per_file(tiny_model_dir, text_files, tmp_path):
+def test_results_merge_per_file(tiny_pnet_dir, text_files, tmp_path):
     """A second run on another file adds its entry and keeps the first one."""
     for name in ("story", "chapters"):
         perplexity.evaluate_perplexity(
-            str(tiny_model_dir), text_files[name], max_length=WINDOW, device="cpu", output_dir=tmp_path
+            str(tiny_pnet_dir), text_files[name], max_length=WINDOW, device="cpu", output_dir=tmp_path
         )
-    written = json.loads((tmp_path / tiny_model_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
+    written = json.loads((tmp_path / tiny_pnet_dir.name / perplexity.PERPLEXITY_RESULTS_FILE).read_text())
     assert set(written["files"]) == {"story", "chapters"}
 
 
@@ -166,7 +144,7 @@ def test_results_merge_per_file(tiny_model_dir, text_files, tmp_path):
         ("latin1.txt", b"caf\xe9\n", "latin1.txt: not UTF-8 text"),
     ],
 )
-def test_bad_files_fail_before_any_model_work(name, content, message, tiny_model_dir, tmp_path, monkeypatch):
+def test_bad_files_fail_before_any_model_work(name, content, message, tiny_pnet_dir, tmp_path, monkeypatch):
     import lm_eval.api.registry
 
     def no_model(*args, **kwargs):
@@ -181,22 +159,22 @@ def test_bad_files_fail_before_any_model_work(name, content, message, tiny_model
     good = tmp_path / "good.txt"
     good.write_text("Some text.", encoding="utf-8")
     with pytest.raises((FileNotFoundError, ValueError)) as error:
-        perplexity.evaluate_perplexity(str(tiny_model_dir), [good, path], device="cpu", output_dir=tmp_path)
+        perplexity.evaluate_perplexity(str(tiny_pnet_dir), [good, path], device="cpu", output_dir=tmp_path)
     assert message in str(error.value)
-    assert not (tmp_path / tiny_model_dir.name).exists()
+    assert not (tmp_path / tiny_pnet_dir.name).exists()
 
 
-def test_cli_errors(tiny_model_dir, tmp_path, capsys):
+def test_cli_errors(tiny_pnet_dir, tmp_path, capsys):
     from pnet_eval import zero_shot
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "x"}\n')
     with pytest.raises(SystemExit) as exit_info:
-        zero_shot.main([str(tiny_model_dir), "--perplexity", str(bad), "--text-field", "body"])
+        zero_shot.main([str(tiny_pnet_dir), "--perplexity", str(bad), "--text-field", "body"])
     assert exit_info.value.code == 2
     assert f"pnet-eval: error: {bad}:1: no 'body' field (fields: ['content'])" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a bad zero-shot task name fails before the perplexity run
-        zero_shot.main([str(tiny_model_dir), "--perplexity", "heldout", "--tasks", "arc_challenge"])
+        zero_shot.main([str(tiny_pnet_dir), "--perplexity", "heldout", "--tasks", "arc_challenge"])
     assert "unknown task(s) ['arc_challenge']" in capsys.readouterr().err
 
 
@@ -213,12 +191,12 @@ def test_file_labels_are_unique(tmp_path):
         perplexity.load_text_files(f"my notes={tmp_path / 'a' / 'notes.txt'}")
 
 
-def test_report_shows_perplexity_columns(python_results, tiny_model_dir, tmp_path):
+def test_report_shows_perplexity_columns(python_results, tiny_pnet_dir, tmp_path):
     """pnet-report adds word PPL / BPB / token PPL columns per file, '-' for a model without them."""
     with_ppl, without = tmp_path / "with-ppl", tmp_path / "without"
     for folder in (with_ppl, without):
         folder.mkdir()
-        (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+        (folder / "config.json").write_text((tiny_pnet_dir / "config.json").read_text())
     (with_ppl / perplexity.PERPLEXITY_RESULTS_FILE).write_text(json.dumps(python_results))
     table = report.build_table([report.load_model_results(with_ppl), report.load_model_results(without)])
     markdown = report.render_markdown(table)
