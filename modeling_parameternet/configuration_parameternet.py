@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from .transformers_version import TRANSFORMERS_REQUIREMENT  # noqa: F401  (checks the installed release)
+
 # GhostNet-v1 stage table. Each row is (kernel, expansion channels, output channels, SE ratio, stride),
 # before the width multiplier. Used at width 1.45 for the paper's 300M-FLOPs models.
 GHOSTNET_V1_STAGES: list[list[list[float]]] = [

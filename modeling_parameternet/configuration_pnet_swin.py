@@ -15,6 +15,8 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.models.swin.configuration_swin import SwinConfig
 
+from .transformers_version import TRANSFORMERS_REQUIREMENT  # noqa: F401  (checks the installed release)
+
 
 @strict
 class PNetSwinConfig(SwinConfig):

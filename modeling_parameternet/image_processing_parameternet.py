@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageInput, PILImageResampling
 from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .transformers_version import TRANSFORMERS_REQUIREMENT  # noqa: F401  (checks the installed release)
 
 # ITU-R 601-2 luma, the weights PIL uses for mode "L".
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

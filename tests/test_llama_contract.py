@@ -5,6 +5,7 @@ Two configurations, each trained a few steps so that routing is not uniform: the
 """
 
 import copy
+import importlib
 import inspect
 import json
 import os
@@ -370,26 +371,27 @@ def test_missing_router_refuses_but_missing_plain_weight_gets_the_usual_report(t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_supported_transformers_range_is_declared_once_and_enforced_at_import(repo_root, tmp_path):
-    from modeling_pnet_llama.configuration_pnet_llama import TRANSFORMERS_REQUIREMENT
-
-    pyproject = (repo_root / "pyproject.toml").read_text()
-    assert f'"{TRANSFORMERS_REQUIREMENT}",' in pyproject  # the package metadata declares the same range
-    major, minor = map(int, re.fullmatch(r"transformers>=(\d+)\.(\d+),<\d+", TRANSFORMERS_REQUIREMENT).groups())
-    # An installed transformers outside the range: importing the model code raises, naming both.
+@pytest.mark.parametrize("package, module", [
+    ("modeling_pnet_llama", "modeling_pnet_llama.configuration_pnet_llama"),
+    ("modeling_parameternet", "modeling_parameternet.transformers_version"),
+])
+def test_supported_transformers_range_is_declared_once_and_enforced_at_import(repo_root, package, module):
+    """Each package of model code checks the installed transformers at import against the range pyproject.toml
+    declares; outside it (below the minimum, or the next major) importing raises, naming the release and the range."""
+    requirement = importlib.import_module(module).TRANSFORMERS_REQUIREMENT
+    assert f'"{requirement}",' in (repo_root / "pyproject.toml").read_text()
+    major, minor = map(int, re.fullmatch(r"transformers>=(\d+)\.(\d+),<\d+", requirement).groups())
     for outside in (f"{major}.{minor - 1}.0", f"{major + 1}.0.0"):
         script = (
             "import importlib.metadata as metadata\n"
             "real = metadata.version\n"
             f"metadata.version = lambda name: {outside!r} if name == 'transformers' else real(name)\n"
-            "import modeling_pnet_llama\n"
+            f"import {package}\n"
         )
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo_root,
                                 timeout=120)
         assert result.returncode != 0
-        assert TRANSFORMERS_REQUIREMENT in result.stderr and f"transformers=={outside}" in result.stderr, (
-            result.stderr[-2000:]
-        )
+        assert requirement in result.stderr and f"transformers=={outside}" in result.stderr, result.stderr[-2000:]
 
 
 def test_dense_llama_of_the_same_weights_matches_at_one_expert():
