@@ -285,7 +285,10 @@ def evaluate_perplexity(
         if prefix_token_id is not None:
             model_args["prefix_token_id"] = prefix_token_id
         lm = get_model("hf").create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
-        count_tokens = lambda text: len(lm.tok_encode(text))  # noqa: E731  the call lm-eval windows
+
+        def count_tokens(text: str, lm=lm) -> int:  # the tokenisation lm-eval windows
+            return len(lm.tok_encode(text))
+
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
             model=lm,

@@ -51,6 +51,7 @@ TASKS: dict[str, ZeroShotTask] = {
 DEFAULT_TASKS = ("arc_easy", "boolq", "hellaswag")
 # lm-eval model types, each with its default batch size: vLLM batches all requests itself (continuous batching).
 BACKENDS = {"hf": 1, "vllm": "auto"}
+VLLM_CPU_KV_CACHE_GIB = 4  # default KV cache of the vllm backend on CPU (see `evaluate`)
 
 
 def hub_is_offline() -> bool:
@@ -193,6 +194,11 @@ def evaluate(
         task_names = [t.upstream_task for t in selected]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
+    if backend == "vllm" and device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # vLLM's CPU default reserves 92% of the machine's memory for its KV cache and refuses to start when other
+        # processes already hold more than 8% (seen on an idle 24 GB machine). Scoring needs far less.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(VLLM_CPU_KV_CACHE_GIB)
+        print(f"vllm on CPU: KV cache of {VLLM_CPU_KV_CACHE_GIB} GiB (set VLLM_CPU_KVCACHE_SPACE=<GiB> to change)")
 
     summaries = []
     for model in models:

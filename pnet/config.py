@@ -14,6 +14,8 @@ built - and raises `ConfigError` naming the key, the value and what is allowed. 
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import glob
 import json
@@ -634,3 +636,11 @@ def describe_config(cls: type, prefix: str = "") -> str:
         description = " ".join(description.split())
         lines.append(f"  {key} ({_type_name(annotation)}, {shown})" + (f": {description}" if description else ""))
     return "\n".join(line for line in lines if line)
+
+
+def config_argument_parser(prog: str, description: str, config_class: type) -> "argparse.ArgumentParser":
+    """The command line of a config-driven script: its ``--help`` ends with every key of `config_class`, its default
+    and meaning. The caller adds ``--config``, ``key=value`` overrides and its own flags."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML file, or key=value overrides with dotted keys):\n" + describe_config(config_class))

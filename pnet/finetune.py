@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pnet import run_log as L
-from pnet.config import ConfigError, FinetuneSst2Config, describe_config, load_config
+from pnet.config import ConfigError, FinetuneSst2Config, config_argument_parser, load_config
 from pnet.model_loading import prepare_tokenizer_for_model, read_config_dict, trust_remote_code_for
 from pnet.plots import plot_training
 from pnet.pretrain import build_optimizer
@@ -222,11 +222,7 @@ def finetune(config: FinetuneSst2Config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="finetune_sst2.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file, or key=value overrides with dotted keys):\n"
-               + describe_config(FinetuneSst2Config))
+    parser = config_argument_parser("finetune_sst2.py", __doc__.splitlines()[0], FinetuneSst2Config)
     parser.add_argument("model", help="pretrained PNet-LLaMA / LLaMA folder (config.json, weights, tokenizer) or "
                                       "Hub id")
     parser.add_argument("--config", default=None, help="YAML file with settings (optional; key=value overrides win)")

@@ -24,7 +24,6 @@ report is rewritten. Each invocation's wall time and load average (sampled every
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
@@ -55,7 +54,7 @@ from pnet.config import (
     PositiveInt,
     VisionTrainConfig,
     apply_overrides,
-    describe_config,
+    config_argument_parser,
     parse_config,
     read_yaml,
 )
@@ -607,10 +606,7 @@ def write_report(config: LowFlopsTrapConfig, runs: list[Run], numbers: dict[str,
 # ------------------------------------------------------------------------------------------------ command line
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="low_flops_trap.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys:\n" + describe_config(LowFlopsTrapConfig))
+    parser = config_argument_parser("low_flops_trap.py", __doc__.split("\n\n")[0], LowFlopsTrapConfig)
     parser.add_argument("--config", required=True, help="configs/replicate/low-flops-trap.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys, YAML values")
     args = parser.parse_intermixed_args(argv)

@@ -48,7 +48,7 @@ from pnet.checkpoint import (
     run_settings,
     write_yaml_atomic,
 )
-from pnet.config import ConfigError, PretrainConfig, TrainingConfig, describe_config, load_config
+from pnet.config import ConfigError, PretrainConfig, TrainingConfig, config_argument_parser, load_config
 from pnet.data import (
     DataRecordError,
     PackedBatchIterator,
@@ -367,9 +367,7 @@ def train(config: PretrainConfig, resume: bool = False, allow_changes: Sequence[
 # ---------------------------------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file, or key=value overrides with dotted keys):\n" + describe_config(PretrainConfig))
+    parser = config_argument_parser("pretrain.py", __doc__.split("\n\n")[0], PretrainConfig)
     parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",

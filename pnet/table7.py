@@ -28,7 +28,6 @@ zero_shot.limit=50``); ``pretrain_overrides.<key>=value`` / ``sst2.overrides.<ke
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -52,7 +51,7 @@ from pnet.config import (
     FinetuneSst2Config,
     PretrainConfig,
     apply_overrides,
-    describe_config,
+    config_argument_parser,
     parse_config,
     read_yaml,
 )
@@ -567,10 +566,7 @@ def write_report(config: ReplicateConfig, rows: list[dict[str, Any]], pnet_repor
 def main(argv: list[str] | None = None) -> None:
     from pnet_eval.report import build_table, load_model_results, render_markdown
 
-    parser = argparse.ArgumentParser(
-        prog="replicate_table7.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys:\n" + describe_config(ReplicateConfig))
+    parser = config_argument_parser("replicate_table7.py", __doc__.split("\n\n")[0], ReplicateConfig)
     parser.add_argument("--config", required=True, help="configs/replicate/<name>.yaml")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all rows of the config)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys, YAML values")

@@ -46,7 +46,7 @@ from pnet.checkpoint import (
     run_settings,
     write_yaml_atomic,
 )
-from pnet.config import ConfigError, VisionTrainConfig, describe_config, load_config
+from pnet.config import ConfigError, VisionTrainConfig, config_argument_parser, load_config
 from pnet.model_loading import vision_classes
 from pnet.plots import plot_training
 from pnet.pretrain import apply_optimizer_settings, build_optimizer, make_accelerator
@@ -293,11 +293,7 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_vision.py", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML file, or key=value overrides with dotted keys):\n"
-               + describe_config(VisionTrainConfig))
+    parser = config_argument_parser("train_vision.py", __doc__.splitlines()[0], VisionTrainConfig)
     parser.add_argument("--config", required=True, help="training recipe YAML (configs/vision/train-*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
