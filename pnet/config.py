@@ -30,13 +30,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
+from modeling_parameternet import ParameterNetImageProcessor
 from pnet.model_loading import (
     check_config_keys,
     config_class,
     make_config,
     read_config_dict,
     unknown_key_message,
-    vision_classes,
 )
 from pnet.vision_data import AugmentConfig
 
@@ -375,7 +375,7 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
         if self.epochs is not None and self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
-        _, _, processor = vision_classes()
+        processor = ParameterNetImageProcessor
         allowed = typing.get_type_hints(processor.valid_kwargs) if hasattr(processor, "valid_kwargs") else None
         if allowed is not None:
             unknown = sorted(set(self.image_processor) - set(allowed))

@@ -26,28 +26,17 @@ LOAD_TIME_TOKENIZER_KWARGS = (
 )
 
 
+PROVIDED_MODEL_TYPES = ("pnet_llama", "parameternet", "pnet_swin")  # registered by this project's two model packages
+
+
 @functools.cache
 def register_installed_models() -> frozenset[str]:
-    """Import the model packages of this project (each registers its classes with the Auto API on import) and return
-    the model types they provide. Vision classes live in ``modeling_parameternet`` or, in older trees, in
-    ``modeling_pnet_llama``."""
+    """Import this project's model packages (each registers its classes with the Auto API on import) and return the
+    model types they provide."""
+    import modeling_parameternet  # noqa: F401
     import modeling_pnet_llama  # noqa: F401
 
-    try:
-        import modeling_parameternet  # noqa: F401
-    except ImportError:
-        pass
-    return frozenset(t for t in ("pnet_llama", "parameternet") if t in CONFIG_MAPPING)
-
-
-def vision_classes() -> tuple[type, type, type]:
-    """(config, image classifier, image processor) classes of ParameterNet, wherever the installed package keeps
-    them."""
-    try:
-        import modeling_parameternet as package
-    except ImportError:
-        import modeling_pnet_llama as package
-    return package.ParameterNetConfig, package.ParameterNetForImageClassification, package.ParameterNetImageProcessor
+    return frozenset(t for t in PROVIDED_MODEL_TYPES if t in CONFIG_MAPPING)
 
 
 def config_class(model_type: str | None) -> type[PretrainedConfig]:
@@ -106,7 +95,7 @@ def trust_remote_code_for(model: str, trust_remote_code: bool = False,
     """The ``trust_remote_code`` value to load ``model`` with, deciding before anything is loaded.
 
     * ``trust_remote_code=True`` (the user asked): the folder's own code runs, as transformers does it.
-    * a model type this package provides (``pnet_llama``, ``parameternet``) or transformers has: the installed,
+    * a model type this package provides (`PROVIDED_MODEL_TYPES`) or transformers has: the installed,
       registered classes load it and no file of the folder is executed; said in the log when the folder ships code.
     * otherwise (the folder's ``auto_map`` code is the only way to load it): ValueError asking for
       ``--trust-remote-code``.

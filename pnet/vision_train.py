@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
+from modeling_parameternet import ParameterNetImageProcessor
 from pnet import run_log as L
 from pnet.checkpoint import (
     CheckpointSaver,
@@ -47,7 +48,6 @@ from pnet.checkpoint import (
     write_yaml_atomic,
 )
 from pnet.config import ConfigError, VisionTrainConfig, config_argument_parser, load_config
-from pnet.model_loading import vision_classes
 from pnet.plots import plot_training
 from pnet.pretrain import apply_optimizer_settings, build_optimizer, make_accelerator
 from pnet.vision_counting import count_vision
@@ -146,8 +146,7 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
     settings = run_settings(config.to_dict(), config.free_on_resume, model_config.to_dict(), accelerator.num_processes)
     start = find_resume_point(output_dir, resume, settings, allow_changes, max_steps)
 
-    _, _, processor_class = vision_classes()
-    image_processor = processor_class(**config.image_processor)
+    image_processor = ParameterNetImageProcessor(**config.image_processor)
     model = AutoModelForImageClassification.from_config(model_config)
     train_transform = TrainTransform(image_processor, config.augment, model.config.num_channels)
     eval_transform = EvalTransform(image_processor)
