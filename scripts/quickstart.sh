@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled data, offline, on CPU: pretrain the tiny PNet-LLaMA (configs/pretrain/tiny-cpu.yaml,
-# ~4 min on 2 cores), evaluate it zero-shot on ARC-Easy / BoolQ / HellaSwag (first EVAL_LIMIT documents of
+# ~3 min on 2 cores), evaluate it zero-shot on ARC-Easy / BoolQ / HellaSwag (first EVAL_LIMIT documents of
 # each bundled set; EVAL_LIMIT=0 scores them all), write its Table 7 row and its model card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
