@@ -7,7 +7,7 @@ The card is built with `huggingface_hub.ModelCard` / `ModelCardData`: YAML metad
 body with the architecture and routing settings, total/active parameters and FLOPs (`pnet.counting`), the
 training recipe and data mix (the pretraining YAML: `--train-config`, or `pretrain_config.yaml` found in the
 folder or its run folder), the evaluation table and a usage snippet. The card is chosen by `model_type`:
-"pnet_llama"/"llama" get a text-generation card, "parameternet" an image-classification card (accuracy from the
+"pnet_llama"/"llama" get a text-generation card, "parameternet" and "pnet_swin" an image-classification card (accuracy from the
 vision run's `results.json`). The folder is then ready for `push_to_hub`.
 """
 
@@ -42,7 +42,24 @@ ZERO_SHOT_DATASETS = {
     "sst2": ("nyu-mll/glue", "SST-2", "sst2", "validation"),
 }
 TEXT_MODEL_TYPES = ("pnet_llama", "llama")
-VISION_MODEL_TYPES = ("parameternet",)
+# Per vision model type: what the card says the model is, its tags, and the config keys of its architecture table.
+VISION_CARDS = {
+    "parameternet": (
+        "A **ParameterNet** image classifier ([Han et al.]({paper})): GhostNet whose convolutions are dynamic "
+        "(mixtures of {num_experts} expert kernels weighted per image), adding parameters at almost no extra FLOPs",
+        ["ghostnet", "dynamic-convolution"],
+        ("image_size", "num_channels", "width_multiplier", "num_experts", "routing_activation", "hidden_act"),
+    ),
+    "pnet_swin": (
+        "A **ParameterNet Swin** image classifier ([Han et al.]({paper}), Table 5): transformers' Swin whose MLP "
+        "output projection (fc2) in the blocks {moe_blocks} is {num_experts} experts with a top-1 router, adding "
+        "parameters at almost no extra FLOPs",
+        ["swin", "mixture-of-experts"],
+        ("image_size", "num_channels", "embed_dim", "depths", "num_heads", "window_size", "num_experts",
+         "moe_blocks", "router_aux_loss_coef"),
+    ),
+}
+VISION_MODEL_TYPES = tuple(VISION_CARDS)
 
 
 def find_train_config(model_dir: Path, explicit: str | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -260,6 +277,7 @@ def text_eval_section(results: ModelResults) -> str:
 
 def vision_card(results: ModelResults, vision_results: dict | None, license: str) -> ModelCard:
     config, counts = results.config, results.counts
+    description, model_tags, arch_keys = VISION_CARDS[config["model_type"]]
     eval_results = None
     accuracy = (vision_results or {}).get("test_accuracy")
     dataset = (vision_results or {}).get("dataset")
@@ -278,28 +296,15 @@ def vision_card(results: ModelResults, vision_results: dict | None, license: str
         library_name="transformers",
         pipeline_tag="image-classification",
         model_name=results.name,
-        tags=["parameternet", "ghostnet", "dynamic-convolution", "image-classification", "custom_code"],
+        tags=["parameternet", *model_tags, "image-classification", "custom_code"],
         datasets=[dataset] if dataset else None,
         eval_results=eval_results,
     )
-    arch = [
-        [k, json.dumps(config.get(k))]
-        for k in (
-            "image_size",
-            "num_channels",
-            "width_multiplier",
-            "num_experts",
-            "routing_activation",
-            "hidden_act",
-            "num_labels",
-        )
-        if k in config
-    ]
+    arch = [[k, json.dumps(config.get(k))] for k in (*arch_keys, "num_labels") if k in config]
     body = [
         f"# {results.name}\n",
-        f"A **ParameterNet** image classifier ([Han et al.]({PAPER})): GhostNet whose convolutions are dynamic "
-        f"(mixtures of {config.get('num_experts')} expert kernels weighted per image), adding parameters at almost "
-        "no extra FLOPs. Custom code: load with `trust_remote_code=True`.\n",
+        description.format(paper=PAPER, num_experts=config.get("num_experts"), moe_blocks=config.get("moe_blocks"))
+        + ". Custom code: load with `trust_remote_code=True`.\n",
         "## Architecture\n\n" + _table(["setting", "value"], arch) + "\n",
     ]
     if counts:

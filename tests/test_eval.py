@@ -269,10 +269,15 @@ def test_model_card_roundtrip(two_models, tmp_path):
         assert text in card.text, text
 
 
-def test_vision_model_card(tmp_path):
-    run = tmp_path / "fmnist-parameternet"
+@pytest.mark.parametrize(
+    "config_name,description,tag",
+    [("fmnist-parameternet", "GhostNet whose convolutions are dynamic", "dynamic-convolution"),
+     ("parameternet-swin-300m", "in the blocks [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11] is 10 experts", "swin")],
+)
+def test_vision_model_card(tmp_path, config_name, description, tag):
+    run = tmp_path / config_name
     (run / "final").mkdir(parents=True)
-    config = json.loads((REPO_ROOT / "configs" / "vision" / "fmnist-parameternet.json").read_text())
+    config = json.loads((REPO_ROOT / "configs" / "vision" / f"{config_name}.json").read_text())
     (run / "final" / "config.json").write_text(json.dumps(config))
     (run / "results.json").write_text(
         json.dumps({"test_accuracy": 0.8712, "dataset": "zalando-datasets/fashion_mnist"})
@@ -287,6 +292,7 @@ def test_vision_model_card(tmp_path):
     from pnet.counting import count_config
 
     assert f"{count_config(str(run / 'final')).total_params:,}" in loaded.text
+    assert description in loaded.text and tag in loaded.data.tags
 
 
 def test_model_card_errors(tmp_path, capsys):
