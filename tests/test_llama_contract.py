@@ -224,7 +224,6 @@ def routing_decisions(router_logits: tuple[torch.Tensor, ...], batch: int) -> to
     return torch.stack([logits.argmax(-1).reshape(batch, -1) for logits in router_logits], dim=1).flatten(1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compile_fullgraph_forward_and_training_step(trained, dtype):
     """Compiled equals eager. In bf16 a token whose two best experts are within rounding of each other may pick
