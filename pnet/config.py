@@ -15,7 +15,6 @@ built - and raises `ConfigError` naming the key, the value and what is allowed. 
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import glob
 import json
@@ -375,8 +374,8 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
         if self.epochs is not None and self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
-        processor = ParameterNetImageProcessor
-        allowed = typing.get_type_hints(processor.valid_kwargs) if hasattr(processor, "valid_kwargs") else None
+        processor_kwargs = getattr(ParameterNetImageProcessor, "valid_kwargs", None)
+        allowed = typing.get_type_hints(processor_kwargs) if processor_kwargs is not None else None
         if allowed is not None:
             unknown = sorted(set(self.image_processor) - set(allowed))
             if unknown:

@@ -291,6 +291,16 @@ def sst2_command(config: ReplicateConfig, model_dir: Path) -> list[str]:
             *[f"{key}={yaml_value(value)}" for key, value in config.sst2.overrides.items()]]
 
 
+def evaluation_stages(config: ReplicateConfig, model_dir: Path) -> list[tuple[str, list[str]]]:
+    """(stage name, equivalent command) of each stage after pretraining that the config enables, in run order."""
+    stages = [("zero_shot", zero_shot_command(config, model_dir))]
+    if config.perplexity.files:
+        stages.append(("perplexity", perplexity_command(config, model_dir)))
+    if config.sst2.enabled:
+        stages.append(("sst2", sst2_command(config, model_dir)))
+    return stages
+
+
 def command_env(threads: int) -> dict[str, str]:
     """Environment of a launched pretraining: this interpreter's environment first on PATH (so ``accelerate`` is the
     one installed with this package), ``threads`` threads per process."""
@@ -354,21 +364,19 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     final = run_dir / "final"
     zs, ppl = config.zero_shot, config.perplexity
     limit = int(zs.limit) if zs.limit is not None and zs.limit >= 1 else zs.limit
-    stages = [("zero_shot", zero_shot_command(config, final),
-               lambda: evaluate(str(final), tasks=zs.tasks, data_dir=zs.data_dir, limit=limit,
-                                batch_size=zs.batch_size))]
-    if ppl.files:
-        stages.append(("perplexity", perplexity_command(config, final),
-                       lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
-                                                   batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id)))
-    if config.sst2.enabled:
-        stages.append(("sst2", sst2_command(config, final), lambda: finetune(config.finetune_config(str(final)))))
-    for name, command, run in stages:
+    runners = {
+        "zero_shot": lambda: evaluate(str(final), tasks=zs.tasks, data_dir=zs.data_dir, limit=limit,
+                                      batch_size=zs.batch_size),
+        "perplexity": lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
+                                                  batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id),
+        "sst2": lambda: finetune(config.finetune_config(str(final))),
+    }
+    for name, command in evaluation_stages(config, final):
         if name in state["done"]:
             print(f"[{row.name}] {name} finished earlier: skipped", flush=True)
             continue
         print("$ " + shlex.join(command), flush=True)
-        run()
+        runners[name]()
         state["done"].append(name)
         write_json_atomic(run_dir / STATE_FILE, state)
 
@@ -591,11 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = []
     for row in rows:
         commands.append(shlex.join(read_state(root / row.name)["pretrain_command"]))
-        commands.append(shlex.join(zero_shot_command(config, root / row.name / "final")))
-        if config.perplexity.files:
-            commands.append(shlex.join(perplexity_command(config, root / row.name / "final")))
-        if config.sst2.enabled:
-            commands.append(shlex.join(sst2_command(config, root / row.name / "final")))
+        commands += [shlex.join(command) for _, command in evaluation_stages(config, root / row.name / "final")]
     commands.append(shlex.join(["pnet-report", *map(str, finals), "--out", str(report_md), "--loss-window",
                                 str(config.plots.loss_window)]))
     write_report(config, results, markdown, commands, invocation)
