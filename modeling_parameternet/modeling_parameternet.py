@@ -343,8 +343,15 @@ class ParameterNetPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, DynamicConv2d):
-            fan_out = module.out_channels // module.groups * module.kernel_size**2
-            init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            # The mixed kernel sum_e alpha_e W_e starts with the variance of the nn.Conv2d it replaces (kaiming
+            # fan_out as torch computes it for a conv weight: out_channels * k * k, groups not divided out). The
+            # coefficients start near 0.5 (sigmoid of ~0) or 1/E (softmax), so each expert gets that std over
+            # alpha * sqrt(E): for the official E=4 sigmoid exactly a plain conv's init. Otherwise an untrained model
+            # in eval mode (BatchNorm statistics still 0 / 1) scales its activations by a constant per layer, which
+            # compounds to logits of 1e10 (or 1e-10).
+            start_alpha = 0.5 if module.routing_activation == "sigmoid" else 1.0 / module.num_experts
+            plain_std = math.sqrt(2.0 / (module.out_channels * module.kernel_size**2))
+            init.normal_(module.weight, mean=0.0, std=plain_std / (start_alpha * math.sqrt(module.num_experts)))
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):

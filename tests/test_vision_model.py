@@ -3,6 +3,7 @@ save/load, pipeline, learning."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,33 @@ def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread, con
         expected = model(pixel_values).logits
         torch.testing.assert_close(model.reparameterize()(pixel_values).logits, expected, rtol=0,
                                    atol=1e-4 * expected.abs().max())
+
+
+FRESH_VISION_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "vision").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "config_name,overrides",
+    [(name, {}) for name in FRESH_VISION_CONFIGS]
+    + [("parameternet-300m.json", {"num_experts": 8}),  # Table 4's E=8, with either routing activation
+       ("parameternet-300m.json", {"num_experts": 8, "routing_activation": "softmax"})],
+)
+def test_fresh_model_gives_moderate_eval_logits(repo_root, config_name, overrides):
+    """An untrained model in eval mode (BatchNorm statistics still 0 / 1, so nothing renormalises) must not blow up:
+    ParameterNet-300M once gave logits of 1e10, so the pipeline answered one label with score 1.0. Bound: every
+    |logit| < 0.5, i.e. no class above e^1 times the uniform probability. The classifier and head are initialised
+    with std 0.01, so activations of order 1 give logits of order 0.01 (GhostNet: < 0.01), and a dynamic conv whose
+    initial kernel is off by a constant factor compounds it over ~40 layers far past that bound."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    import modeling_parameternet  # noqa: F401  (registers the model types)
+
+    values = {**json.loads((repo_root / "configs" / "vision" / config_name).read_text()), **overrides}
+    config = AutoConfig.for_model(**values)
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(config).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, config.num_channels, config.image_size, config.image_size)).logits
+    assert logits.shape == (2, config.num_labels)
+    assert torch.isfinite(logits).all()
+    assert logits.abs().max() < 0.5, f"{config_name} {overrides}: max |logit| {logits.abs().max():.3g}"
