@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pnet import run_log
-from pnet.counting import CountReport, count_config, short_number
+from pnet.counting import CountReport, InvalidConfigError, count_config, short_number
 
 from pnet_eval import perplexity
 from pnet_eval.zero_shot import RESULTS_FILE
@@ -98,6 +98,8 @@ def load_model_results(path: str | Path, loss_window: int = 10) -> ModelResults:
         results.config = _read_json(model_dir / "config.json")
         try:
             results.counts = count_config(str(model_dir))
+        except InvalidConfigError:  # never report counts of a config that describes no model
+            raise
         except ValueError as error:  # a model_type the counting code does not know
             results.notes.append(str(error))
     else:
