@@ -7,7 +7,7 @@ conditioned on lm-eval's prefix token (BOS when the tokenizer has one, else EOS)
 its documents come from the file, and every metric names its aggregation explicitly (a metric lm-eval does not
 know is otherwise looked up in HF `evaluate`, which needs the Hub).
 
-Files: JSON Lines (`.jsonl`, `.ndjson`, optionally `.gz`; one document per line, in `text_field`) or plain UTF-8
+Files: JSON Lines (`.jsonl`, `.ndjson`, `.json`, optionally `.gz`; one document per line, in `text_field`) or plain UTF-8
 text (optionally `.gz`; the whole file is one document). `heldout` names the bundled held-out text
 (`eval/data/heldout/botchan.jsonl.gz`, see its README); `LABEL=PATH` names a file's results (default: the file
 name without extensions). Every file is read and checked before any model loads.
@@ -44,7 +44,9 @@ PERPLEXITY_RESULTS_FILE = "pnet_perplexity_results.json"
 LM_EVAL_PERPLEXITY_RESULTS_FILE = "lm_eval_perplexity_results.json"
 HELDOUT_FILE = Path(__file__).resolve().parent / "data" / "heldout" / "botchan.jsonl.gz"
 HELDOUT_NAME = "heldout"  # `--perplexity heldout` -> HELDOUT_FILE
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# `.json` too: read as JSON Lines, as datasets' json loader reads it (a file of JSON Lines would otherwise be one
+# plain-text document full of braces and keys).
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TASK_PREFIX = "pnet_ppl_"
 # metric -> lm-eval aggregation. Given explicitly so lm-eval never searches HF `evaluate` (the Hub) for them.
 METRICS = {
@@ -78,7 +80,7 @@ def _is_jsonl(path: Path) -> bool:
 def file_label(path: Path) -> str:
     """`data/botchan.jsonl.gz` -> `botchan`: the name without its extensions, as a task-name-safe string."""
     name = path.name
-    while Path(name).suffix in (".gz", ".jsonl", ".ndjson", ".txt", ".text", ".md"):
+    while Path(name).suffix in (".gz", *JSONL_SUFFIXES, ".txt", ".text", ".md"):
         name = Path(name).stem
     return re.sub(r"[^\w.-]", "_", name) or "text"
 
@@ -103,7 +105,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                    raise ValueError(
+                        f"{path}:{number}: not valid JSON ({error.msg}); {', '.join(JSONL_SUFFIXES)} files are read "
+                        "as JSON Lines: one JSON object per line"
+                    ) from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
                 if text_field not in row:
@@ -232,6 +237,17 @@ def read_perplexity_results(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def check_prefix_token_id(model: str, prefix_token_id: int) -> None:
+    """Refuse a prefix token the model has no embedding for, from its config.json (before it loads)."""
+    from pnet.model_loading import read_config_dict
+
+    vocab_size = read_config_dict(model).get("vocab_size")
+    if vocab_size is not None and not 0 <= prefix_token_id < vocab_size:
+        raise ValueError(
+            f"prefix_token_id={prefix_token_id} is outside the vocabulary of {model}; allowed: 0 <= id < {vocab_size}"
+        )
+
+
 def evaluate_perplexity(
     model_dirs: str | list[str],
     files: str | Path | list[str | Path],
@@ -267,6 +283,9 @@ def evaluate_perplexity(
     text_files = load_text_files(files, text_field)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+    if prefix_token_id is not None:
+        for model in models:
+            check_prefix_token_id(model, prefix_token_id)
     # Decided from config.json alone, before any model loads: PNet folders load with the installed classes.
     trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -349,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="FILE",
         default=None,
-        help="score these .jsonl[.gz] / plain-text files (PATH or LABEL=PATH; 'heldout' = the bundled held-out "
+        help="score these .jsonl/.ndjson/.json[.gz] (JSON Lines) / plain-text files (PATH or LABEL=PATH; 'heldout' = the bundled held-out "
         "text) instead of the zero-shot tasks (zero-shot runs too when --tasks is given)",
     )
     group.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default: %(default)s)")

@@ -102,7 +102,9 @@ def test_python_figures_equal_direct_computation(python_results, tiny_pnet_dir):
 
 def test_cli_gives_the_python_numbers(python_results, tiny_pnet_dir, text_files, tmp_path):
     """`pnet-eval DIR --perplexity ...` in a fresh process writes the same numbers (and no zero-shot results)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # The in-process run's thread count: fp32 matmuls split across another number of threads sum in another order.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "pnet_eval.zero_shot", str(tiny_pnet_dir), "--perplexity", str(text_files["story"]),
         str(text_files["chapters"]), "--max-length", str(WINDOW), "--device", "cpu", "--output-dir", str(tmp_path),
@@ -226,3 +228,33 @@ def test_bundled_heldout_text():
     rows = [json.loads(line) for line in raw.decode().splitlines()]
     assert [r["title"].rsplit(" ", 1)[1] for r in rows] == "I II III IV V VI VII VIII IX X XI".split()
     assert all("[" not in r["text"] and "Gutenberg" not in r["text"] for r in rows)
+
+
+def test_json_file_of_json_lines_is_read_as_json_lines(tmp_path):
+    """A `.json` file is read as JSON Lines, one document per line (as datasets' json loader reads it), not scored
+    as one plain-text document; one multi-line JSON value is refused with that rule in the message."""
+    rows = tmp_path / "rows.json"
+    rows.write_text("".join(json.dumps({"text": text}) + "\n" for text in JSONL_DOCS), encoding="utf-8")
+    [loaded] = perplexity.load_text_files(rows)
+    assert loaded.format == "jsonl"
+    assert loaded.texts == tuple(JSONL_DOCS)
+    assert loaded.label == "rows"
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([{"text": t} for t in JSONL_DOCS], indent=2), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pretty.json:1: not valid JSON .*\.json files are read as JSON Lines"):
+        perplexity.load_text_files(pretty)
+
+
+@pytest.mark.parametrize("prefix_token_id", [32000, -1])
+def test_prefix_token_outside_the_vocabulary_fails_before_the_model_loads(prefix_token_id, tiny_pnet_dir, tmp_path,
+                                                                           monkeypatch):
+    import lm_eval.api.registry
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --prefix-token-id was checked")
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", no_model)
+    with pytest.raises(ValueError, match=rf"prefix_token_id={prefix_token_id} is outside the vocabulary of .*"
+                                         r"allowed: 0 <= id < 32000"):
+        perplexity.evaluate_perplexity(str(tiny_pnet_dir), "heldout", prefix_token_id=prefix_token_id,
+                                       device="cpu", output_dir=tmp_path)
