@@ -130,6 +130,11 @@ def prepare_tokenizer_for_model(tokenizer: PreTrainedTokenizerBase,
       which byte-fallback text never produces, else EOS; the model config's ``pad_token_id`` is set to it when unset;
     * ``model_max_length`` = the model's ``max_position_embeddings`` (what the model can attend over);
     * no load-time settings (``local_files_only``, ``cache_dir``, ...) left to be written into tokenizer_config.json.
+
+    The saved files are a standard LLaMA tokenizer (no ``auto_map``): ``LlamaTokenizer.from_pretrained(DIR)`` loads
+    them anywhere with no code. ``AutoTokenizer.from_pretrained(DIR)`` first resolves DIR's config.json, whose model
+    type only the folder's config code (or this installed package) provides, so it needs ``trust_remote_code=True``
+    like the model; without it transformers asks (tests/test_tokenizer_folder.py).
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
