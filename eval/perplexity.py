@@ -276,7 +276,7 @@ def evaluate_perplexity(
     from lm_eval.utils import handle_non_serializable, make_table
 
     from pnet.model_loading import trust_remote_code_for
-    from pnet_eval.zero_shot import check_model, default_dtype
+    from pnet_eval.zero_shot import check_model, default_dtype, lm_eval_model_args, quiet_git_describe
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
     models = [check_model(m) for m in model_dirs]
@@ -293,12 +293,13 @@ def evaluate_perplexity(
 
     summaries = []
     for model in models:
-        model_args: dict[str, Any] = {
-            "pretrained": model,
-            "trust_remote_code": trust[model],
-            "dtype": dtype,
-            "add_bos_token": False,  # score the text's tokens only (see the module docstring)
-        }
+        model_args = lm_eval_model_args(
+            "hf",
+            pretrained=model,
+            trust_remote_code=trust[model],
+            dtype=dtype,
+            add_bos_token=False,  # score the text's tokens only (see the module docstring)
+        )
         if max_length is not None:
             model_args["max_length"] = max_length
         if prefix_token_id is not None:
@@ -309,16 +310,17 @@ def evaluate_perplexity(
             return len(lm.tok_encode(text))
 
         start = time.perf_counter()
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task_config(f, count_tokens) for f in text_files],
-            num_fewshot=0,
-            batch_size=batch_size,
-            device=device,
-            task_manager=TaskManager(include_defaults=False),  # inline tasks only: skip indexing lm-eval's YAMLs
-            log_samples=True,  # per-document (LL, count) pairs, for the totals
-            bootstrap_iters=0,
-        )
+        with quiet_git_describe():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task_config(f, count_tokens) for f in text_files],
+                num_fewshot=0,
+                batch_size=batch_size,
+                device=device,
+                task_manager=TaskManager(include_defaults=False),  # inline tasks only: no lm-eval YAML indexing
+                log_samples=True,  # per-document (LL, count) pairs, for the totals
+                bootstrap_iters=0,
+            )
         wall_time = time.perf_counter() - start
         samples = results.pop("samples")
         print(make_table(results))

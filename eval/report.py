@@ -216,9 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("inputs", nargs="+", help="model folders or pnet_eval_results.json files")
     parser.add_argument("--out", default=None, help="markdown file to write (the JSON goes next to it, .json)")
     parser.add_argument(
-        "--metric", default="acc", choices=METRIC_CHOICES, help="zero-shot metric for ARC-e and HellaSwag"
+        "--metric", default="acc", choices=METRIC_CHOICES,
+        help="zero-shot metric for ARC-e and HellaSwag (default: %(default)s)",
     )
-    parser.add_argument("--loss-window", type=int, default=10, help="logged steps averaged for the training loss")
+    parser.add_argument(
+        "--loss-window", type=int, default=10,
+        help="logged steps averaged for the training loss (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
         models = [load_model_results(p, loss_window=args.loss_window) for p in args.inputs]

@@ -14,10 +14,12 @@ summary (`pnet_eval_results.json`) that `pnet-report` and `pnet-card` read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,38 @@ DEFAULT_TASKS = ("arc_easy", "boolq", "hellaswag")
 # lm-eval model types, each with its default batch size: vLLM batches all requests itself (continuous batching).
 BACKENDS = {"hf": 1, "vllm": "auto"}
 VLLM_CPU_KV_CACHE_GIB = 4  # default KV cache of the vllm backend on CPU (see `evaluate`)
+
+
+def lm_eval_model_args(backend: str, **args: Any) -> dict[str, Any]:
+    """lm-eval `model_args` for `backend`; the HF backend is told the model is causal, since it cannot tell from a
+    model type transformers does not list (it warned "neither marked as CausalLM or Seq2SeqLM" on every run)."""
+    return {**args, "backend": "causal"} if backend == "hf" else args
+
+
+@contextlib.contextmanager
+def quiet_git_describe():
+    """lm-eval records `git describe` of the working directory in its results; outside a git checkout git prints
+    "fatal: not a git repository" to our stderr. Same value (None there), git's own stderr sent to /dev/null."""
+    import lm_eval.evaluator
+
+    record_git_hash = lm_eval.evaluator.get_git_commit_hash
+
+    def without_git_stderr():
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                return record_git_hash()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    lm_eval.evaluator.get_git_commit_hash = without_git_stderr
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = record_git_hash
 
 
 def hub_is_offline() -> bool:
@@ -203,17 +237,18 @@ def evaluate(
     summaries = []
     for model in models:
         start = time.perf_counter()
-        results = lm_eval.simple_evaluate(
-            model=backend,
-            model_args={"pretrained": model, "trust_remote_code": trust[model], "dtype": dtype},
-            tasks=task_names,
-            num_fewshot=0,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            task_manager=task_manager,
-            log_samples=False,
-        )
+        with quiet_git_describe():
+            results = lm_eval.simple_evaluate(
+                model=backend,
+                model_args=lm_eval_model_args(backend, pretrained=model, trust_remote_code=trust[model], dtype=dtype),
+                tasks=task_names,
+                num_fewshot=0,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                task_manager=task_manager,
+                log_samples=False,
+            )
         wall_time = time.perf_counter() - start
         print(make_table(results))
         summary = {

@@ -121,10 +121,12 @@ def test_local_tasks_mirror_upstream(task, fixture_data_dir):
 # --------------------------------------------------------------------------------------------- zero-shot
 
 
-def test_zero_shot_tiny_pnet_offline(tiny_pnet_dir, fixture_data_dir, tmp_path):
+def test_zero_shot_tiny_pnet_offline(tiny_pnet_dir, fixture_data_dir, tmp_path, capfd, caplog):
     summaries = zero_shot.evaluate(
         str(tiny_pnet_dir), data_dir=fixture_data_dir, limit=8, batch_size=4, device="cpu", output_dir=tmp_path
     )
+    printed = "".join(capfd.readouterr()) + caplog.text
+    assert "neither marked as CausalLM" not in printed  # lm-eval is told the backend type
     out = tmp_path / tiny_pnet_dir.name
     written = json.loads((out / zero_shot.RESULTS_FILE).read_text())
     lm_eval_json = json.loads((out / zero_shot.LM_EVAL_RESULTS_FILE).read_text())
@@ -398,3 +400,10 @@ def test_folder_code_of_an_unknown_model_type_needs_consent(tiny_pnet_dir, fixtu
     with pytest.raises(ValueError, match="--trust-remote-code"):
         finetune.main([str(folder), f"data.data_dir={fixture_data_dir}"])
     assert not marker.exists()
+
+
+def test_report_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "HellaSwag (default: acc)" in help_text and "training loss (default: 10)" in help_text
