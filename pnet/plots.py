@@ -19,11 +19,33 @@ def _pyplot():
     return plt
 
 
-def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> None:
+# A curve closer than this share of the loss axis to the trained loss would be drawn on top of it.
+DISTINCT_CURVE_SHARE = 0.01
+
+
+def router_losses_to_plot(coefficients: dict[str, float] | None) -> list[str]:
+    """The router losses worth a curve: those whose coefficient is not 0 (a loss with coefficient 0 is not trained
+    on); all of them when the coefficients are not known."""
+    losses = [L.AUX_LOSS, L.Z_LOSS]
+    return losses if coefficients is None else [k for k in losses if coefficients.get(k, 0) != 0]
+
+
+def lm_loss_is_distinct(train: list[dict[str, Any]]) -> bool:
+    """Whether the LM loss curve would be visibly apart from the trained loss (more than `DISTINCT_CURVE_SHARE` of
+    the loss axis): PNet's router terms (0.01 x aux ~ 0.01 nats) are usually far less."""
+    losses = [r[L.LOSS] for r in train]
+    span = max(losses) - min(losses) or abs(losses[0]) or 1.0
+    return max(abs(r[L.LOSS] - r[L.LM_LOSS]) for r in train) > DISTINCT_CURVE_SHARE * span
+
+
+def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None,
+                  router_loss_coefficients: dict[str, float] | None = None) -> None:
     """PNG of a training log, one panel per kind of record present:
 
-    * losses: the trained loss, the LM loss when it differs (PNet adds router losses), validation / evaluation loss;
-    * router losses: the load-balancing (aux) loss, 1.0 at uniform routing, and the z-loss (own axis);
+    * losses: the trained loss, the LM loss when its curve is visibly apart (`lm_loss_is_distinct`; PNet adds router
+      losses), validation / evaluation loss;
+    * router losses: the load-balancing (aux) loss, 1.0 at uniform routing, and the z-loss (own axis), each only when
+      its coefficient (`router_loss_coefficients`: {run_log.AUX_LOSS: coef, run_log.Z_LOSS: coef}) is not 0;
     * accuracy: evaluation accuracy (classifiers), raw and EMA weights;
     * expert load over the whole run: per router and expert, the share of each log window's tokens whose top-1
       choice is that expert (uniform = 1 / num_experts).
@@ -34,14 +56,18 @@ def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, titl
     vals, evals = L.val_records(records), L.eval_records(records)
     loads = [r for r in train if L.EXPERT_LOAD in r]
     routed = any(r.get(L.AUX_LOSS) for r in train)
-    panels = ["loss"] + (["router"] if routed else []) + (["accuracy"] if evals else []) + (["load"] if loads else [])
+    router_losses = router_losses_to_plot(router_loss_coefficients) if routed else []
+    panels = (["loss"] + (["router"] if router_losses else []) + (["accuracy"] if evals else [])
+              + (["load"] if loads else []))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
 
     ax = axes["loss"]
     steps = [r[L.STEP] for r in train]
-    ax.plot(steps, [r[L.LOSS] for r in train], label="train loss", lw=1)
-    if routed:
+    lm_curve = routed and lm_loss_is_distinct(train)
+    label = "train loss" if lm_curve or not routed else "train loss (LM loss + router losses; LM loss on top of it)"
+    ax.plot(steps, [r[L.LOSS] for r in train], label=label, lw=1)
+    if lm_curve:
         ax.plot(steps, [r[L.LM_LOSS] for r in train], "--", label="train LM loss (without router losses)", lw=1)
     for domain in (vals[0][L.VAL_LOSS] if vals else {}):
         ax.plot([r[L.STEP] for r in vals], [r[L.VAL_LOSS][domain] for r in vals], "o-", ms=3,
@@ -54,15 +80,19 @@ def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, titl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
-    if routed:
+    if router_losses:
         ax = axes["router"]
-        ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1, label="aux (load-balancing) loss")
-        ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
-        ax.set(xlabel="step", ylabel="aux loss (1.0 = uniform routing)", title="Router losses (before coefficients)")
-        twin = ax.twinx()
-        twin.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
-        twin.set_ylabel("z-loss", color="tab:red")
-        lines = ax.get_lines()[:1] + twin.get_lines()
+        ax.set(xlabel="step", title="Router losses (before coefficients)")
+        lines = []
+        if L.AUX_LOSS in router_losses:
+            lines += ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1,
+                             label="aux (load-balancing) loss")
+            ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
+            ax.set_ylabel("aux loss (1.0 = uniform routing)")
+        if L.Z_LOSS in router_losses:
+            z_ax = ax.twinx() if lines else ax
+            lines += z_ax.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
+            z_ax.set_ylabel("z-loss", color="tab:red")
         ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
         ax.grid(alpha=0.3)
 

@@ -358,7 +358,9 @@ def train(config: PretrainConfig, resume: bool = False, allow_changes: Sequence[
         tokenizer.save_pretrained(final_tmp)
         shutil.copyfile(output_dir / CONFIG_FILE, final_tmp / CONFIG_FILE)  # for model cards
         publish_dir(final_tmp, final_dir)
-        plot_training(output_dir / L.LOG_FILE, output_dir / "training.png")
+        plot_training(output_dir / L.LOG_FILE, output_dir / "training.png", router_loss_coefficients={
+            L.AUX_LOSS: getattr(unwrapped.config, "router_aux_loss_coef", 0),
+            L.Z_LOSS: getattr(unwrapped.config, "router_z_loss_coef", 0)})
         accelerator.print(f"exported {final_dir}; plot {output_dir / 'training.png'}")
     accelerator.end_training()
     return final_dir
