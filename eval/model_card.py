@@ -76,6 +76,21 @@ def find_train_config(model_dir: Path, explicit: str | None) -> tuple[dict[str, 
     return None, None
 
 
+def card_path(path: str | Path, model_dir: Path) -> str:
+    """How the card names a local file, never as an absolute path of this machine: relative to the model folder
+    when inside it, `run folder/NAME` when in the run folder above it, relative to the working directory when
+    inside it (`configs/pretrain/tiny-cpu.yaml` from a checkout), else the bare file name."""
+    path = Path(path).expanduser().resolve()
+    model_dir = model_dir.resolve()
+    if path.is_relative_to(model_dir):
+        return path.relative_to(model_dir).as_posix()
+    if path.parent == model_dir.parent:
+        return f"run folder/{path.name}"
+    if path.is_relative_to(Path.cwd()):
+        return path.relative_to(Path.cwd()).as_posix()
+    return path.name
+
+
 def _fmt(n: int | float | None, kind: str = "params") -> str:
     """`1,540,507,648 (1.54B)`; FLOPs with kind="flops"."""
     return "-" if n is None else f"{n:,} ({short_number(n, kind)})"
@@ -129,6 +144,7 @@ def text_eval_results(results: ModelResults) -> list[EvalResult]:
 
 
 def text_card_body(results: ModelResults, train_config: dict | None, train_config_path: str | None) -> str:
+    """The card's body; `train_config_path` as the card names it (`card_path`)."""
     config, counts = results.config, results.counts
     routed = config.get("model_type") == "pnet_llama"
     parts = [f"# {results.name}\n"]
@@ -213,7 +229,7 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
     if results.training_loss is not None:
         training.append(
             f"Final training LM loss: **{results.training_loss:.3f}** "
-            f"(mean of the last logged steps of `{results.training_loss_source}`)."
+            f"(mean of the last logged steps of `{card_path(results.training_loss_source, Path(results.model_dir))}`)."
         )
     if training:
         parts.append("## Training\n\n" + "\n\n".join(training) + "\n")
@@ -366,6 +382,7 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
         datasets=hub_datasets or None,
         eval_results=text_eval_results(results) or None,
     )
+    config_path = None if config_path is None else card_path(config_path, model_dir)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path))
 
 

@@ -247,10 +247,14 @@ def test_report_marks_offline_sst2_and_missing_parts(two_models, tmp_path):
 # --------------------------------------------------------------------------------------------- model cards
 
 
-def test_model_card_roundtrip(two_models, tmp_path):
+def test_model_card_roundtrip(two_models, tmp_path, monkeypatch):
     _, routed = two_models
+    monkeypatch.chdir(REPO_ROOT)
     model_card.main([str(routed), "--train-config", str(REPO_ROOT / "configs" / "pretrain" / "tiny-cpu.yaml")])
     card = ModelCard.load(routed / "README.md")
+    # Paths of this machine stay out of a card meant for the Hub: the config relative to the checkout, the log by name.
+    assert str(REPO_ROOT) not in card.text and str(routed.parent) not in card.text
+    assert "Recipe (from `configs/pretrain/tiny-cpu.yaml`)" in card.text
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.license == "apache-2.0" and "mixture-of-experts" in card.data.tags
     values = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
