@@ -7,8 +7,8 @@ conditioned on lm-eval's prefix token (BOS when the tokenizer has one, else EOS)
 its documents come from the file, and every metric names its aggregation explicitly (a metric lm-eval does not
 know is otherwise looked up in HF `evaluate`, which needs the Hub).
 
-Files: JSON Lines (`.jsonl`, `.ndjson`, `.json`, optionally `.gz`; one document per line, in `text_field`) or plain UTF-8
-text (optionally `.gz`; the whole file is one document). `heldout` names the bundled held-out text
+Files: JSON Lines (`.jsonl`, `.ndjson`, `.json`, optionally `.gz`; one document per line, in `text_field`) or
+plain UTF-8 text (optionally `.gz`; the whole file is one document). `heldout` names the bundled held-out text
 (`eval/data/heldout/botchan.jsonl.gz`, see its README); `LABEL=PATH` names a file's results (default: the file
 name without extensions). Every file is read and checked before any model loads.
 
@@ -370,7 +370,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="FILE",
         default=None,
-        help="score these .jsonl/.ndjson/.json[.gz] (JSON Lines) / plain-text files (PATH or LABEL=PATH; 'heldout' = the bundled held-out "
+        help="score these .jsonl/.ndjson/.json[.gz] (JSON Lines) / plain-text files (PATH or LABEL=PATH; "
+        "'heldout' = the bundled held-out "
         "text) instead of the zero-shot tasks (zero-shot runs too when --tasks is given)",
     )
     group.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default: %(default)s)")

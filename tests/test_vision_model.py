@@ -268,7 +268,8 @@ def test_tiny_model_learns_fashion_mnist(shared_data, repo_root, one_thread, con
                                    atol=1e-4 * expected.abs().max())
 
 
-FRESH_VISION_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "vision").glob("*.json"))
+VISION_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "vision"
+FRESH_VISION_CONFIGS = sorted(p.name for p in VISION_CONFIG_DIR.glob("*.json"))
 
 
 @pytest.mark.parametrize(
