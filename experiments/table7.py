@@ -327,6 +327,11 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"done": []}
 
 
+def run_sst2(config: FinetuneSst2Config) -> None:
+    """Fine-tune SST-2, continuing from the checkpoints a killed runner left."""
+    finetune.train(config, resume=bool(list_checkpoints(finetune.output_dir_of(config))))
+
+
 def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     """Pretrain, evaluate and (optionally) fine-tune one row, skipping the stages already done."""
     from pnet_eval.perplexity import evaluate_perplexity
@@ -363,7 +368,7 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
                                       batch_size=zs.batch_size),
         "perplexity": lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
                                                   batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id),
-        "sst2": lambda: finetune.train(config.finetune_config(str(final))),
+        "sst2": lambda: run_sst2(config.finetune_config(str(final))),
     }
     for name, command in evaluation_stages(config, final):
         if name in state["done"]:

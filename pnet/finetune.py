@@ -127,6 +127,11 @@ def check_model_reference(config: FinetuneSst2Config) -> None:
                           f"{positions}; allowed: <= {positions}")
 
 
+def output_dir_of(config: FinetuneSst2Config) -> Path:
+    """``output_dir``, by default ``<model folder>/sst2_finetune``."""
+    return Path(config.output_dir) if config.output_dir else Path(config.model).expanduser() / "sst2_finetune"
+
+
 class SequenceClassificationTask(Task):
     """SST-2 fine-tuning of a pretrained (PNet-)LLaMA folder as a two-label sequence classifier."""
 
@@ -137,7 +142,7 @@ class SequenceClassificationTask(Task):
         check_model_reference(config)
         self.config = config
         self.model_dir = Path(config.model).expanduser()
-        self.output_dir = Path(config.output_dir) if config.output_dir else self.model_dir / "sst2_finetune"
+        self.output_dir = output_dir_of(config)
         self.trust = trust_remote_code_for(config.model, config.trust_remote_code)  # decided before any loading
 
     def plan(self, accelerator: Accelerator) -> Plan:

@@ -405,6 +405,9 @@ class _Run:
                 self.saver.save(step, trainer_state=trainer_state,
                                 run_settings=self.settings, rank_files=self.task.rank_state())
         progress.close()
+        if not metrics:  # resumed from the last step's checkpoint: its evaluation is logged already
+            metrics = self.task.evaluate(self.model, final=True)
+            self.model.train()
         self.saver.publish()  # the last step's weights: their evaluation (at max_steps) was finite
         return metrics
 

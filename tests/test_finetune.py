@@ -37,6 +37,12 @@ def test_checkpoint_every_epoch_and_exact_resume(tiny_pnet_dir, tmp_path):
     assert resumed["accuracy"] == result["accuracy"]
     assert [r[L.STEP] for r in L.train_records(L.read_log(run / L.LOG_FILE))] == [1, 2, 3, 4]
 
+    # Killed after the last checkpoint, before the export: --resume trains nothing, evaluates and exports.
+    shutil.rmtree(run / "final")
+    finished = finetune.main(args + ["--resume"])
+    assert finished["accuracy"] == result["accuracy"] and (run / "final" / "model.safetensors").is_file()
+    assert [r[L.STEP] for r in L.eval_records(L.read_log(run / L.LOG_FILE))] == [2, 4]
+
     with pytest.raises(FileExistsError, match="already has checkpoint-4; pass --resume"):
         finetune.main(args)
     with pytest.raises(ResumeError, match="lr: 0.003 in the checkpoint, 0.01 now"):
