@@ -1,6 +1,6 @@
 """Fine-tune a pretrained PNet-LLaMA (or LLaMA) folder as an SST-2 sentiment classifier (the paper's Table 7).
 
-    python scripts/finetune_sst2.py MODEL_DIR [--config FILE.yaml] [key=value ...] [--trust-remote-code]
+    python scripts/finetune_sst2.py MODEL_DIR [--config FILE.yaml] [key=value ...] [--trust-remote-code] [--resume]
     python scripts/finetune_sst2.py MODEL_DIR data.data_dir=bundled epochs=3 lr=5e-4    # offline: eval/data/sst2
 
 The settings are `pnet.config.FinetuneSst2Config` (``--help`` lists them; the keys shared with pretraining mean the

@@ -215,7 +215,8 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
     results = {
         "model_config": config.model, "steps": outcome.steps, "train_samples": len(task.train_data),
         "total_params": task.counts.total_params, "flops": task.counts.flops,
-        "image_size": outcome.model.config.image_size, "num_experts": getattr(outcome.model.config, "num_experts", None),
+        "image_size": outcome.model.config.image_size,
+        "num_experts": getattr(outcome.model.config, "num_experts", None),
         **metrics, "test_accuracy": metrics.get(L.EVAL_ACCURACY_EMA, metrics[L.EVAL_ACCURACY]),
         "exported_weights": "ema" if task.ema is not None else "raw", "train_time_s": outcome.train_time_s,
     }
