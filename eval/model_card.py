@@ -1,4 +1,4 @@
-"""`pnet-card`: write a Hugging Face Hub model card (`README.md`) into a saved model folder.
+"""pnet-card: write a Hugging Face Hub model card (README.md) into a saved model folder.
 
     pnet-card runs/pnet-1b-up-e8/final [--train-config configs/pretrain/<name>.yaml] [--license apache-2.0]
 

@@ -1,4 +1,4 @@
-"""`pnet-report`: several models' results in the paper's Table 7 layout, as markdown and JSON.
+"""pnet-report: several models' results in the paper's Table 7 layout, as markdown and JSON.
 
     pnet-report runs/llama-1b/final runs/pnet-1b-up-e8/final --out results/table7.md
 

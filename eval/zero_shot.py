@@ -1,4 +1,4 @@
-"""`pnet-eval`: zero-shot ARC-Easy / BoolQ / HellaSwag (the paper's Table 7) with lm-eval's HF backend.
+"""pnet-eval: zero-shot ARC-Easy / BoolQ / HellaSwag (the paper's Table 7) with lm-eval's HF backend.
 
 Two data sources, one code path (`lm_eval.simple_evaluate`; folders of this package's model types load with the
 installed classes and run none of the folder's code, others only with `--trust-remote-code`):
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pnet.config import hub_is_offline
 from pnet_eval import perplexity
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -86,14 +87,6 @@ def quiet_git_describe():
         yield
     finally:
         lm_eval.evaluator.get_git_commit_hash = record_git_hash
-
-
-def hub_is_offline() -> bool:
-    """True when the user has switched the Hub off (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`)."""
-    return any(
-        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
 
 
 def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[ZeroShotTask]:

@@ -1,7 +1,7 @@
 """One typed, validated configuration system for every training command (pydantic v2).
 
 ``scripts/pretrain.py`` (`PretrainConfig`), ``scripts/train_vision.py`` (`VisionTrainConfig`),
-``scripts/finetune_sst2.py`` (`FinetuneSst2Config`) and the Table 7 runner (`pnet.table7.ReplicateConfig`) read a
+``scripts/finetune_sst2.py`` (`FinetuneSst2Config`) and the Table 7 runner (`experiments.table7.ReplicateConfig`) read a
 YAML file plus ``key=value`` overrides (dotted keys, YAML values: ``max_steps=50 data.sources.web.weight=0.5``) into
 one of these classes. The shared settings are defined once, in `TrainingConfig`, so the same thing has the same key
 everywhere (``lr``, ``warmup_steps``, ``micro_batch_size``, ``save_every``, ``keep_last``, ``precision``, ...).
@@ -29,7 +29,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
-from modeling_parameternet import ParameterNetImageProcessor
 from pnet.model_loading import (
     check_config_keys,
     config_class,
@@ -37,7 +36,6 @@ from pnet.model_loading import (
     read_config_dict,
     unknown_key_message,
 )
-from pnet.vision_data import AugmentConfig
 
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
@@ -287,6 +285,18 @@ class PretrainConfig(CheckpointedTrainingConfig):
 
 # ----------------------------------------------------------------------------------------------------- vision
 
+@dataclasses.dataclass
+class AugmentConfig:
+    """Training augmentation, as in the recipe YAML's `augment:` block (applied by `pnet.vision_data`)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    horizontal_flip: float = 0.5
+    rand_augment_ops: int = 2
+    rand_augment_magnitude: float = 9.0
+    rand_augment_magnitude_std: float = 0.5
+    random_erasing: float = 0.25
+
+
 def _check_augment(augment: AugmentConfig) -> AugmentConfig:
     low, high = augment.crop_scale
     problems = []
@@ -342,7 +352,7 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
     image_processor: dict[str, Any]
     """ParameterNetImageProcessor settings, saved with the model (evaluation = exactly this transform)"""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    """training augmentation (pnet.vision_data.AugmentConfig)"""
+    """training augmentation (AugmentConfig)"""
     max_steps: PositiveInt | None = None
     """optimizer steps (or epochs)"""
     epochs: PositiveInt | None = None
@@ -374,6 +384,8 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
         if self.epochs is not None and self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        from modeling_parameternet import ParameterNetImageProcessor  # only vision configs need the vision code
+
         processor_kwargs = getattr(ParameterNetImageProcessor, "valid_kwargs", None)
         allowed = typing.get_type_hints(processor_kwargs) if processor_kwargs is not None else None
         if allowed is not None:
@@ -427,7 +439,7 @@ class Sst2DataConfig(ConfigModel):
     """sentences are truncated to this many tokens"""
 
 
-class FinetuneSst2Config(TrainingConfig):
+class FinetuneSst2Config(CheckpointedTrainingConfig):
     """SST-2 fine-tuning of a pretrained (PNet-)LLaMA as a sequence classifier (``scripts/finetune_sst2.py``)."""
 
     model: str
@@ -441,12 +453,16 @@ class FinetuneSst2Config(TrainingConfig):
     warmup_ratio: OpenUnitFloat = 0.06
     """warmup as a share of all steps (used when warmup_steps is 0)"""
     eval_batch_size: PositiveInt = 64
-    device: str | None = None
+    eval_every: PositiveInt | None = None
+    """optimizer steps between evaluations (null: at the end of every epoch; also after the last step)"""
+    save_every: NonNegativeInt | None = None
+    """optimizer steps between checkpoints (null: at the end of every epoch; 0: only at the end)"""
+    device: Literal["cpu", "cuda"] | None = None
     """default: cuda if available, else cpu"""
     report_train_accuracy: bool = False
     """also measure accuracy on the fine-tuning set"""
     save_model: bool = False
-    """save the fine-tuned classifier (and its tokenizer) to output_dir"""
+    """save the fine-tuned classifier (and its tokenizer) to output_dir/final"""
     # Fine-tuning defaults
     micro_batch_size: PositiveInt = 32
     """sentences per forward pass"""
@@ -463,8 +479,18 @@ class FinetuneSst2Config(TrainingConfig):
             raise ValueError(f"set warmup_steps ({self.warmup_steps}) or warmup_ratio ({self.warmup_ratio}), not both")
         return self
 
+    free_on_resume: ClassVar[tuple[str, ...]] = CheckpointedTrainingConfig.free_on_resume + (
+        "epochs", "eval_batch_size", "report_train_accuracy", "save_model", "device")
+
 
 # ------------------------------------------------------------------------------------------------- loading
+
+def hub_is_offline() -> bool:
+    """True when the user has switched the Hub off (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`): local data then
+    stands in for the Hub's where a command has a bundled copy."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
 
 def set_dotted(values: dict[str, Any], dotted_key: str, value: Any) -> None:
     """``set_dotted(d, "data.sources.web.weight", 0.5)``; missing sections are created (the config class then
@@ -478,6 +504,11 @@ def set_dotted(values: dict[str, Any], dotted_key: str, value: Any) -> None:
             raise ConfigError(f"override {dotted_key!r}: {'.'.join(parents[:i + 1])!r} is a value, not a section")
         node = node[key]
     node[last] = value
+
+
+def yaml_value(value: Any) -> str:
+    """A value as a ``key=value`` override reads it back (YAML flow style, one line)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -643,3 +674,16 @@ def config_argument_parser(prog: str, description: str, config_class: type) -> "
     return argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML file, or key=value overrides with dotted keys):\n" + describe_config(config_class))
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` and ``--allow-change KEY`` of every training command (checked by `check_resume_arguments`)."""
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept a changed setting (dotted key or section, e.g. lr, data, "
+                             "model_config.router_aux_loss_coef); repeat for several")
+
+
+def check_resume_arguments(args: argparse.Namespace) -> None:
+    if args.allow_change and not args.resume:
+        raise ConfigError("--allow-change only applies with --resume")

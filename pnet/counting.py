@@ -1,7 +1,9 @@
-"""`pnet-count`: total / active parameters and forward FLOPs of a model config, the paper's arithmetic.
+"""pnet-count: total / active parameters and forward FLOPs of a model config, the paper's arithmetic.
 
 One entry point for both families; the family-specific arithmetic lives in `pnet.llama_counting`
-(PNet-LLaMA, Table 7) and `pnet.vision_counting` (GhostNet / ParameterNet / RepConv / Swin, Tables 2, 4, 5, 6).
+(PNet-LLaMA, Table 7) and `pnet.vision_counting` (GhostNet / ParameterNet / RepConv / Swin, Tables 2, 4, 5, 6),
+imported when needed (the vision arithmetic imports torch and the models); both return a
+`pnet.count_report.CountReport`.
 """
 
 from __future__ import annotations
@@ -9,27 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
 
-# Vision model types (counted by `pnet.vision_counting`, imported lazily: it imports torch and the models).
-VISION_MODEL_TYPES = ("parameternet", "swin", "pnet_swin")
-
-
-@dataclass
-class CountReport:
-    """What `pnet-count` prints for one config. FLOPs follow `flops_convention`, stated in words."""
-
-    name: str
-    model_type: str
-    total_params: int
-    active_params: int
-    flops: int
-    flops_convention: str
-    # Extra named figures (router FLOPs, dynamic-conv overhead, per-part breakdowns), printed in order.
-    details: dict[str, int | float | str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from pnet.count_report import VISION_MODEL_TYPES, CountReport, short_number
 
 
 class InvalidConfigError(ValueError):
@@ -100,17 +83,6 @@ def count_config(path: str, **kwargs) -> CountReport:
             f"{report.flops:,} FLOPs; allowed: 0 <= active <= total, FLOPs >= 0"
         )
     return report
-
-
-def short_number(n: float | None, kind: str = "flops") -> str:
-    """917.51G for FLOPs, 2.35B for parameters (kind="params"), "-" for None."""
-    if n is None:
-        return "-"
-    giga = "B" if kind == "params" else "G"
-    for unit, scale in (("T", 1e12), (giga, 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def format_report(report: CountReport) -> str:

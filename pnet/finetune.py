@@ -1,6 +1,6 @@
 """Fine-tune a pretrained PNet-LLaMA (or LLaMA) folder as an SST-2 sentiment classifier (the paper's Table 7).
 
-    python scripts/finetune_sst2.py MODEL_DIR [--config FILE.yaml] [key=value ...] [--trust-remote-code]
+    python scripts/finetune_sst2.py MODEL_DIR [--config FILE.yaml] [key=value ...] [--trust-remote-code] [--resume]
     python scripts/finetune_sst2.py MODEL_DIR data.data_dir=bundled epochs=3 lr=5e-4    # offline: eval/data/sst2
 
 The settings are `pnet.config.FinetuneSst2Config` (``--help`` lists them; the keys shared with pretraining mean the
@@ -13,46 +13,65 @@ The data is read with `datasets.load_dataset` either way: the Hub dataset, or JS
 into a fine-tuning part and a held-out part, accuracy is measured on the held-out part only, and every output
 labels the number "SST-2 (held-out half of validation, offline)".
 
-Outputs (in ``output_dir``, default MODEL_DIR/sst2_finetune): ``log.jsonl`` (`pnet.run_log` fields),
-``training.png``, ``sst2_results.json``, and the classifier with its tokenizer (``save_model=true``). The result JSON
+The loop is the shared one (`pnet.training`): accelerate (one process, DDP, DeepSpeed), checkpoints every epoch
+(``save_every``) and ``--resume [--allow-change KEY ...]`` as in pretraining. Outputs (in ``output_dir``, default
+MODEL_DIR/sst2_finetune): ``log.jsonl`` (`pnet.run_log` fields), ``training.png``, ``checkpoint-N`` folders,
+``sst2_results.json``, and the classifier with its tokenizer in ``final/`` (``save_model=true``). The result JSON
 is also copied to MODEL_DIR/sst2_results.json, where `pnet-report` and `pnet-card` look for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
-import time
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import datasets
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pnet import run_log as L
-from pnet.config import ConfigError, FinetuneSst2Config, config_argument_parser, load_config
+from pnet.checkpoint import ResumeError
+from pnet.config import (
+    ConfigError,
+    FinetuneSst2Config,
+    add_resume_arguments,
+    check_resume_arguments,
+    config_argument_parser,
+    hub_is_offline,
+    load_config,
+)
 from pnet.model_loading import prepare_tokenizer_for_model, read_config_dict, trust_remote_code_for
-from pnet.plots import plot_training
-from pnet.pretrain import build_optimizer
+from pnet.training import Plan, Task, classifier_metrics, run
 
 LABEL_HUB = "SST-2 (validation)"
 LABEL_OFFLINE_HELDOUT = "SST-2 (held-out half of validation, offline)"
 RESULTS_FILE = "sst2_results.json"
+CONFIG_FILE = "finetune_config.yaml"
+
+
+def bundled_data_dir() -> Path:
+    """The evaluation data installed with the ``pnet_eval`` package (its ``data/`` folder), found without
+    importing it: pnet sits below pnet_eval and reads only its data files."""
+    spec = importlib.util.find_spec("pnet_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("data.data_dir=bundled: the pnet_eval package (its bundled data) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def load_sst2(dataset: str, dataset_config: str, data_dir: str | None) -> tuple[datasets.DatasetDict, str]:
     """SST-2 splits from the Hub or from local JSON Lines; returns (splits, where they came from)."""
-    from pnet_eval.zero_shot import BUNDLED_DATA_DIR, hub_is_offline
-
     if data_dir is None and hub_is_offline():
         data_dir = "bundled"
     if data_dir is None:
         return datasets.load_dataset(dataset, dataset_config), f"hub:{dataset}/{dataset_config}"
-    root = BUNDLED_DATA_DIR if data_dir == "bundled" else Path(data_dir).expanduser().resolve()
+    root = bundled_data_dir() if data_dir == "bundled" else Path(data_dir).expanduser().resolve()
     files = {}
     for split in ("train", "validation"):
         found = [p for p in (root / "sst2" / f"{split}.jsonl", root / "sst2" / f"{split}.jsonl.gz") if p.is_file()]
@@ -82,7 +101,7 @@ def split_for_finetuning(
 
 
 def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, max_length: int, shuffle: bool,
-                seed: int) -> DataLoader:
+                generator: torch.Generator | None = None) -> DataLoader:
     """Batches padded to their longest sentence (right padding; the classifier reads the last non-pad token)."""
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -92,132 +111,137 @@ def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, max_length: in
         batch["labels"] = torch.tensor([int(r["label"]) for r in rows])
         return dict(batch)
 
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
-@torch.no_grad()
-def accuracy(model, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].numel()
-    model.train()
-    return correct / max(total, 1)
-
-
-def finetune(config: FinetuneSst2Config) -> dict:
-    """Fine-tune and evaluate; returns (and writes) the result dict."""
-    model_ref = config.model
-    model_dir = Path(model_ref).expanduser()
+def check_model_reference(config: FinetuneSst2Config) -> None:
+    """The model folder exists and fits data.seq_len (before anything is loaded)."""
+    model_dir = Path(config.model).expanduser()
     if model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model folder {str(model_dir)!r} has no config.json")
-    if not model_dir.is_dir() and "/" not in model_ref:
-        raise FileNotFoundError(f"model folder {model_ref!r} does not exist")
-    positions = read_config_dict(model_ref).get("max_position_embeddings")
+    if not model_dir.is_dir() and "/" not in config.model:
+        raise FileNotFoundError(f"model folder {config.model!r} does not exist")
+    positions = read_config_dict(config.model).get("max_position_embeddings")
     if positions is not None and config.data.seq_len > positions:
         raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds the model's max_position_embeddings="
                           f"{positions}; allowed: <= {positions}")
-    trust = trust_remote_code_for(model_ref, config.trust_remote_code)  # decides before anything is loaded
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # bf16 autocast on GPUs by default; fp32 on CPU, where bf16 matmuls are far slower.
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    autocast_dtype = torch.bfloat16 if bf16 else None
 
-    splits, source = load_sst2(config.data.dataset, config.data.dataset_config, config.data.data_dir)
-    train_set, eval_set, eval_split, label = split_for_finetuning(splits, config.data.heldout_fraction, config.seed)
-    if config.data.max_train_samples:
-        train_set = train_set.select(range(min(config.data.max_train_samples, len(train_set))))
-    if config.data.max_eval_samples:
-        eval_set = eval_set.select(range(min(config.data.max_eval_samples, len(eval_set))))
 
-    model_config = AutoConfig.from_pretrained(model_ref, trust_remote_code=trust)
-    model_config.num_labels = 2
-    model_config.id2label, model_config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
-    tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust)
-    model_config.pad_token_id = None  # the classifier reads the last non-pad token: the tokenizer's pad decides
-    prepare_tokenizer_for_model(tokenizer, model_config)
-    tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(model_ref, config=model_config,
-                                                               trust_remote_code=trust).to(device)
+def output_dir_of(config: FinetuneSst2Config) -> Path:
+    """``output_dir``, by default ``<model folder>/sst2_finetune``."""
+    return Path(config.output_dir) if config.output_dir else Path(config.model).expanduser() / "sst2_finetune"
 
-    train_loader = make_loader(train_set, tokenizer, config.micro_batch_size, config.data.seq_len, shuffle=True,
-                               seed=config.seed)
-    eval_loader = make_loader(eval_set, tokenizer, config.eval_batch_size, config.data.seq_len, shuffle=False,
-                              seed=config.seed)
-    total_steps = config.epochs * len(train_loader)
-    warmup_steps = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    optimizer, scheduler = build_optimizer(model, config, total_steps, warmup_steps)
 
-    out_dir = Path(config.output_dir) if config.output_dir else model_dir / "sst2_finetune"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = L.JsonlLog(out_dir / L.LOG_FILE)
-    start = time.perf_counter()
-    step = 0
-    model.train()
-    with tqdm(total=total_steps, desc=f"fine-tune {label}") as progress:
-        for epoch in range(config.epochs):
-            for batch in train_loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; lower lr")
-                loss.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+class SequenceClassificationTask(Task):
+    """SST-2 fine-tuning of a pretrained (PNet-)LLaMA folder as a two-label sequence classifier."""
+
+    name = "fine-tune SST-2"
+    config_file = CONFIG_FILE
+
+    def __init__(self, config: FinetuneSst2Config):
+        check_model_reference(config)
+        self.config = config
+        self.model_dir = Path(config.model).expanduser()
+        self.output_dir = output_dir_of(config)
+        self.trust = trust_remote_code_for(config.model, config.trust_remote_code)  # decided before any loading
+
+    def plan(self, accelerator: Accelerator) -> Plan:
+        config, data = self.config, self.config.data
+        self.accelerator = accelerator
+        splits, self.source = load_sst2(data.dataset, data.dataset_config, data.data_dir)
+        self.train_set, self.eval_set, self.eval_split, self.label = split_for_finetuning(
+            splits, data.heldout_fraction, config.seed)
+        if data.max_train_samples:
+            self.train_set = self.train_set.select(range(min(data.max_train_samples, len(self.train_set))))
+        if data.max_eval_samples:
+            self.eval_set = self.eval_set.select(range(min(data.max_eval_samples, len(self.eval_set))))
+        model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=self.trust)
+        model_config.num_labels = 2
+        model_config.id2label, model_config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+        model_config.pad_token_id = None  # the classifier reads the last non-pad token: the tokenizer's pad decides
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=self.trust)
+        prepare_tokenizer_for_model(self.tokenizer, model_config)
+        self.tokenizer.padding_side = "right"
+        self.steps_per_epoch = math.ceil(len(self.train_set) / (config.micro_batch_size * accelerator.num_processes))
+        max_steps = config.epochs * self.steps_per_epoch
+        return Plan(model_config=model_config, max_steps=max_steps,
+                    warmup_steps=config.warmup_steps or math.ceil(config.warmup_ratio * max_steps),
+                    micro_batch_size=config.micro_batch_size, eval_every=config.eval_every or self.steps_per_epoch,
+                    save_every=self.steps_per_epoch if config.save_every is None else config.save_every)
+
+    def build_model(self, model_config) -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(self.config.model, config=model_config,
+                                                                  trust_remote_code=self.trust)
+
+    def prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        config = self.config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_loader, self.eval_loader = accelerator.prepare(
+            make_loader(self.train_set, self.tokenizer, config.micro_batch_size, config.data.seq_len, shuffle=True,
+                        generator=self.generator),
+            make_loader(self.eval_set, self.tokenizer, config.eval_batch_size, config.data.seq_len, shuffle=False))
+        self.train_eval_loader = accelerator.prepare(
+            make_loader(self.train_set, self.tokenizer, config.eval_batch_size, config.data.seq_len, shuffle=False))
+
+    def step_batches(self, start_step: int) -> Iterator[list[dict]]:
+        """Epoch by epoch, each epoch's order seeded by (seed, epoch): a resumed run skips to the same batch."""
+        step = start_step
+        while True:
+            epoch, skip = divmod(step, self.steps_per_epoch)
+            self.generator.manual_seed(self.config.seed + epoch)
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            for batch in loader:
+                yield [batch]
                 step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-                if step % config.log_every == 0 or step == total_steps:
-                    log.write({L.STEP: step, L.EPOCH: epoch, L.LOSS: loss.item(), L.LR: lr})
-            eval_acc = accuracy(model, eval_loader, device, autocast_dtype)
-            log.write({L.STEP: step, L.EPOCH: epoch, L.EVAL_ACCURACY: eval_acc})
-            print(f"epoch {epoch}: {label} accuracy {eval_acc:.4f}")
 
+    def loss(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return {L.LOSS: model(**batch).loss}
+
+    def window_fields(self, step: int, window_start: int) -> dict[str, Any]:
+        return {L.EPOCH: step / self.steps_per_epoch}
+
+    def evaluate(self, model: torch.nn.Module, final: bool) -> dict[str, Any]:
+        metrics = classifier_metrics(model, self.eval_loader, self.accelerator)
+        record = {L.EVAL_LOSS: metrics["loss"], L.EVAL_ACCURACY: metrics["accuracy"],
+                  L.EVAL_SAMPLES: metrics["samples"]}
+        if final and self.config.report_train_accuracy:
+            record[L.TRAIN_ACCURACY] = classifier_metrics(model, self.train_eval_loader, self.accelerator)["accuracy"]
+        return record
+
+    def save_final(self, model: torch.nn.Module, state_dict: dict, folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+
+
+def train(config: FinetuneSst2Config, resume: bool = False, allow_changes: Sequence[str] = ()) -> dict:
+    """Fine-tune and evaluate; returns (and writes) the result dict."""
+    task = SequenceClassificationTask(config)
+    outcome = run(task, config, resume=resume, allow_changes=allow_changes, export=config.save_model,
+                  cpu=config.device == "cpu")
+    metrics, model_dir = outcome.final_eval, task.model_dir
     result = {
-        "model": model_dir.resolve().name if model_dir.is_dir() else model_ref,
-        "model_dir": str(model_dir.resolve()) if model_dir.is_dir() else model_ref,
+        "model": model_dir.resolve().name if model_dir.is_dir() else config.model,
+        "model_dir": str(model_dir.resolve()) if model_dir.is_dir() else config.model,
         "task": "sst2",
-        "label": label,
-        "data_source": source,
-        "offline_heldout": label != LABEL_HUB,
-        "eval_split": eval_split,
-        "finetune_examples": len(train_set),
-        "eval_examples": len(eval_set),
-        "accuracy": eval_acc,
-        "train_accuracy": accuracy(
-            model,
-            make_loader(train_set, tokenizer, config.eval_batch_size, config.data.seq_len, False, config.seed),
-            device,
-            autocast_dtype,
-        )
-        if config.report_train_accuracy
-        else None,
+        "label": task.label,
+        "data_source": task.source,
+        "offline_heldout": task.label != LABEL_HUB,
+        "eval_split": task.eval_split,
+        "finetune_examples": len(task.train_set),
+        "eval_examples": len(task.eval_set),
+        "accuracy": metrics[L.EVAL_ACCURACY],
+        "train_accuracy": metrics.get(L.TRAIN_ACCURACY),
         "config": config.to_dict(),
-        "steps": step,
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        "steps": outcome.steps,
+        "wall_time_s": outcome.train_time_s,
     }
-    plot_training(out_dir / L.LOG_FILE, out_dir / "training.png", title=f"SST-2 fine-tuning: {result['model']}")
-    text = json.dumps(result, indent=2)
-    (out_dir / RESULTS_FILE).write_text(text)
-    if model_dir.is_dir():
-        (model_dir / RESULTS_FILE).write_text(text)
-    if config.save_model:
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    print(f"{label}: accuracy {eval_acc:.4f} on {len(eval_set)} sentences; wrote {out_dir / RESULTS_FILE}")
+    if outcome.accelerator.is_main_process:
+        text = json.dumps(result, indent=2)
+        (task.output_dir / RESULTS_FILE).write_text(text)
+        if model_dir.is_dir():
+            (model_dir / RESULTS_FILE).write_text(text)
+        print(f"{task.label}: accuracy {result['accuracy']:.4f} on {len(task.eval_set)} sentences; wrote "
+              f"{task.output_dir / RESULTS_FILE}")
     return result
 
 
@@ -228,22 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file with settings (optional; key=value overrides win)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model folder's own code (auto_map); llama / pnet_llama folders do not need it")
+    add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys, YAML values")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
+    check_resume_arguments(args)
     values = {"model": args.model}
     if args.trust_remote_code:
         values["trust_remote_code"] = True
-    return finetune(load_config(FinetuneSst2Config, args.config, args.overrides, values=values))
+    config = load_config(FinetuneSst2Config, args.config, args.overrides, values=values)
+    return train(config, resume=args.resume, allow_changes=args.allow_change)
 
 
 def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, ResumeError, FileExistsError, FileNotFoundError, ValueError) as error:
         sys.exit(f"finetune_sst2: error: {error}")
 
 

@@ -13,7 +13,7 @@ plus the routers.
 
 from __future__ import annotations
 
-from pnet.counting import CountReport
+from pnet.count_report import CountReport
 
 
 DEFAULT_SEQ_LEN = 512
@@ -38,6 +38,22 @@ _PNET_DEFAULTS = {"num_experts": 8, "moe_projections": ["down"], "shared_router"
 def _get(config: dict, key: str, defaults: dict):
     value = config.get(key)
     return defaults[key] if value is None else value
+
+
+def _ffn_and_router_params(projections: dict[str, tuple[int, int]], routed: list[str], num_experts: int,
+                           shared_router: bool, mlp_bias: bool, hidden: int) -> tuple[int, int]:
+    """Per layer: the FFN's parameters (every expert of a routed projection) and the routers' parameters."""
+    ffn_params = router_params = 0
+    for proj, (in_features, out_features) in projections.items():
+        if proj in routed:
+            ffn_params += num_experts * in_features * out_features
+            if not shared_router:
+                router_params += in_features * num_experts
+        else:
+            ffn_params += in_features * out_features + (out_features if mlp_bias else 0)
+    if shared_router and routed:
+        router_params += hidden * num_experts
+    return ffn_params, router_params
 
 
 def count_llama(config: dict, name: str = "model", seq_len: int = DEFAULT_SEQ_LEN) -> CountReport:
@@ -76,17 +92,8 @@ def count_llama(config: dict, name: str = "model", seq_len: int = DEFAULT_SEQ_LE
 
     projections = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
     ffn_macs = sum(i * o for i, o in projections.values())  # per token, one expert per routed projection
-    ffn_params = 0
-    router_params = 0
-    for proj, (in_features, out_features) in projections.items():
-        if proj in routed:
-            ffn_params += num_experts * in_features * out_features
-            if not shared_router:
-                router_params += in_features * num_experts
-        else:
-            ffn_params += in_features * out_features + (out_features if mlp_bias else 0)
-    if shared_router and routed:
-        router_params += hidden * num_experts
+    ffn_params, router_params = _ffn_and_router_params(projections, routed, num_experts, shared_router, mlp_bias,
+                                                       hidden)
     norm_params = 2 * hidden
 
     layer_params = attn_params + ffn_params + router_params + norm_params

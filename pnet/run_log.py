@@ -46,7 +46,8 @@ EVAL_ACCURACY = "eval_accuracy"
 EVAL_LOSS_EMA = "eval_loss_ema"  # the same for the EMA weights (vision)
 EVAL_ACCURACY_EMA = "eval_accuracy_ema"
 EVAL_SAMPLES = "eval_samples"
-TRAIN_ACCURACY = "train_accuracy"
+TRAIN_ACCURACY = "train_accuracy"  # at the end: accuracy of the exported weights on (a fixed part of) the train set
+TRAIN_ACCURACY_SAMPLES = "train_accuracy_samples"
 # ---- events
 EVENT = "event"
 EVENT_RESUME = "resume"

@@ -1,4 +1,4 @@
-"""``pnet-upcycle``: sparse upcycling of a dense LLaMA into a Hub-ready PNet-LLaMA folder.
+"""pnet-upcycle: sparse upcycling of a dense LLaMA into a Hub-ready PNet-LLaMA folder.
 
     pnet-upcycle LLAMA_DIR_OR_HUB_ID OUT_DIR --num-experts 8 --projections up [down gate]
 

@@ -38,7 +38,7 @@ from modeling_parameternet import (
 )
 from modeling_parameternet.modeling_parameternet import ParameterNetSqueezeExcite
 from modeling_parameternet.modeling_pnet_swin import PNetSwinExpertLinear, PNetSwinMoEMLP
-from pnet.counting import VISION_MODEL_TYPES, CountReport
+from pnet.count_report import VISION_MODEL_TYPES, CountReport
 
 FLOPS_CONVENTION = (
     "multiply-adds of conv and linear layers and SE gating + 1 per BatchNorm output element (or folded-BatchNorm bias "

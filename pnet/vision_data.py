@@ -16,12 +16,13 @@ import gzip
 import math
 import os
 import random
-from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+
+from pnet.config import AugmentConfig
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -224,18 +225,6 @@ def random_resized_crop(
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
             return image.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + w, top + h))
     return image.resize((size[1], size[0]), Image.BILINEAR)  # fall back to the whole image
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation, as in the recipe YAML's `augment:` block."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    horizontal_flip: float = 0.5
-    rand_augment_ops: int = 2
-    rand_augment_magnitude: float = 9.0
-    rand_augment_magnitude_std: float = 0.5
-    random_erasing: float = 0.25
 
 
 class TrainTransform:

@@ -22,34 +22,28 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
 from modeling_parameternet import ParameterNetImageProcessor
 from pnet import run_log as L
-from pnet.checkpoint import (
-    CheckpointSaver,
-    ResumeError,
-    change_history_header,
-    find_resume_point,
-    publish_dir,
-    run_settings,
-    write_yaml_atomic,
+from pnet.checkpoint import ResumeError
+from pnet.config import (
+    ConfigError,
+    VisionTrainConfig,
+    add_resume_arguments,
+    check_resume_arguments,
+    config_argument_parser,
+    load_config,
 )
-from pnet.config import ConfigError, VisionTrainConfig, config_argument_parser, load_config
-from pnet.plots import plot_training
-from pnet.pretrain import apply_optimizer_settings, build_optimizer, make_accelerator
+from pnet.training import Plan, Task, classifier_metrics, run
 from pnet.vision_counting import count_vision
 from pnet.vision_data import (
     AugmentedDataset,
@@ -93,218 +87,156 @@ class ModelEMA:
         self.module.load_state_dict(state["module"])
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> dict:
-    """Mean cross-entropy and top-1 accuracy over the dataloader (gathered across processes)."""
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in dataloader:
+class ImageClassificationTask(Task):
+    """An image classifier trained on a Hub / imagefolder / IDX dataset with the paper's augmentation (Table 1)."""
+
+    name = "train"
+    config_file = CONFIG_FILE
+
+    def __init__(self, config: VisionTrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.ema: ModelEMA | None = None
+
+    def plan(self, accelerator: Accelerator) -> Plan:
+        """Load the dataset, check its splits and columns, and derive the run length (before the model is built)."""
+        config, data_cfg = self.config, self.config.data
+        self.accelerator = accelerator
+        with accelerator.main_process_first():
+            data = load_image_dataset(data_cfg.path, data_cfg.name, limit=data_cfg.limit)
+        for split in (data_cfg.train_split, data_cfg.eval_split):
+            if split not in data:
+                raise ConfigError(f"data.train_split / data.eval_split {split!r} is not a split of {data_cfg.path!r}; "
+                                  f"allowed: {sorted(data)}")
+        train_data, eval_data = data[data_cfg.train_split], data[data_cfg.eval_split]
+        for column, standard in ((data_cfg.image_column, "image"), (data_cfg.label_column, "label")):
+            if column not in train_data.column_names:
+                raise ConfigError(f"data column {column!r} not in {data_cfg.path!r}; allowed: "
+                                  f"{train_data.column_names}")
+            if column != standard:
+                train_data, eval_data = (d.rename_column(column, standard) for d in (train_data, eval_data))
+        if data_cfg.train_subset is not None:
+            train_data = stratified_subset(train_data, data_cfg.train_subset.fraction, data_cfg.train_subset.seed)
+        self.train_data, self.eval_data = train_data, eval_data
+        self.steps_per_epoch = len(train_data) // config.micro_batch_size // accelerator.num_processes
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"micro_batch_size={config.micro_batch_size} x {accelerator.num_processes} process(es) "
+                              f"exceeds the {len(train_data)} training images")
+        return Plan(model_config=config.build_model_config(train_data.features["label"].names),
+                    max_steps=config.max_steps or config.epochs * self.steps_per_epoch,
+                    warmup_steps=config.warmup_steps or int((config.warmup_epochs or 0) * self.steps_per_epoch),
+                    micro_batch_size=config.micro_batch_size)
+
+    def build_model(self, model_config) -> torch.nn.Module:
+        self.image_processor = ParameterNetImageProcessor(**self.config.image_processor)
+        return AutoModelForImageClassification.from_config(model_config)
+
+    def prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        config = self.config
+        unwrapped = accelerator.unwrap_model(model)
+        eval_transform = EvalTransform(self.image_processor)
+        loader_kwargs = {"collate_fn": collate, "num_workers": config.num_workers}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_set = AugmentedDataset(
+            self.train_data, TrainTransform(self.image_processor, config.augment, unwrapped.config.num_channels),
+            seed=config.seed)
+        train_loader = DataLoader(self.train_set, batch_size=config.micro_batch_size, shuffle=True, drop_last=True,
+                                  generator=self.generator, **loader_kwargs)
+        eval_loader = DataLoader(self.eval_data.with_transform(eval_transform), batch_size=config.eval_batch_size,
+                                 **loader_kwargs)
+        # Training-set accuracy is measured on a fixed subset with the evaluation transform (no augmentation).
+        train_eval_size = min(config.train_eval_samples, len(self.train_data))
+        train_eval_loader = DataLoader(self.train_data.select(range(train_eval_size)).with_transform(eval_transform),
+                                       batch_size=config.eval_batch_size, **loader_kwargs)
+        self.train_loader, self.eval_loader, self.train_eval_loader = accelerator.prepare(
+            train_loader, eval_loader, train_eval_loader)
+        if config.ema_decay > 0:
+            self.ema = ModelEMA(unwrapped, config.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+        self.counts = count_vision(unwrapped.config.to_dict(), name=os.path.basename(config.model))
+        accelerator.print(f"{self.counts.name}: {self.counts.total_params:,} params, {self.counts.flops:,} FLOPs at "
+                          f"{unwrapped.config.image_size}x{unwrapped.config.image_size}; {self.steps_per_epoch} "
+                          "steps/epoch")
+
+    def step_batches(self, start_step: int) -> Iterator[list[dict]]:
+        """Epoch by epoch; each epoch's shuffle and augmentation are seeded by (seed, epoch), so a resumed run
+        skips to exactly the batch an uninterrupted one would see."""
+        step = start_step
+        while True:
+            epoch, skip = divmod(step, self.steps_per_epoch)
+            self.generator.manual_seed(self.config.seed + epoch)  # the epoch's shuffle order
+            self.train_set.epoch = epoch  # the epoch's augmentation seeds
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            for batch in loader:
+                yield [batch]
+                step += 1
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(pixel_values=batch["pixel_values"]).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-        total_loss += accelerator.reduce(loss, reduction="sum").item()
-        correct += (predictions == labels).sum().item()
-        count += labels.numel()
-    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1), "samples": count}
+        return {L.LOSS: F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config.label_smoothing)}
+
+    def after_update(self, model: torch.nn.Module) -> None:
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def window_fields(self, step: int, window_start: int) -> dict[str, Any]:
+        return {L.EPOCH: step / self.steps_per_epoch}
+
+    def evaluate(self, model: torch.nn.Module, final: bool) -> dict[str, Any]:
+        """Evaluation loss and accuracy (and the EMA's); at the end also the training-set accuracy of the exported
+        weights."""
+        metrics = classifier_metrics(model, self.eval_loader, self.accelerator)
+        record = {L.EVAL_LOSS: metrics["loss"], L.EVAL_ACCURACY: metrics["accuracy"],
+                  L.EVAL_SAMPLES: metrics["samples"]}
+        if self.ema is not None:
+            ema_metrics = classifier_metrics(self.ema.module, self.eval_loader, self.accelerator)
+            record.update({L.EVAL_LOSS_EMA: ema_metrics["loss"], L.EVAL_ACCURACY_EMA: ema_metrics["accuracy"]})
+        if final:
+            exported = self.ema.module if self.ema is not None else model
+            train_metrics = classifier_metrics(exported, self.train_eval_loader, self.accelerator)
+            record.update({L.TRAIN_ACCURACY: train_metrics["accuracy"],
+                           L.TRAIN_ACCURACY_SAMPLES: train_metrics["samples"]})
+        return record
+
+    def save_final(self, model: torch.nn.Module, state_dict: dict, folder: Path) -> None:
+        """The EMA weights when ``ema_decay`` > 0, else the trained ones; with the image processor."""
+        if self.ema is not None:
+            self.ema.module.save_pretrained(folder, safe_serialization=True)
+        else:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        self.image_processor.save_pretrained(folder)
 
 
 def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequence[str] = ()) -> dict:
     """Train (or resume) the classifier described by ``config``; returns the results written to results.json."""
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)  # a shared CPU is faster with fewer, uncontended threads
-    accelerator = make_accelerator(config.precision)
-    set_seed(config.seed)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- data -------------------------------------------------------------------------------------------------------
-    data_cfg = config.data
-    with accelerator.main_process_first():
-        data = load_image_dataset(data_cfg.path, data_cfg.name, limit=data_cfg.limit)
-    for split in (data_cfg.train_split, data_cfg.eval_split):
-        if split not in data:
-            raise ConfigError(f"data.train_split / data.eval_split {split!r} is not a split of {data_cfg.path!r}; "
-                              f"allowed: {sorted(data)}")
-    train_data, eval_data = data[data_cfg.train_split], data[data_cfg.eval_split]
-    for column, standard in ((data_cfg.image_column, "image"), (data_cfg.label_column, "label")):
-        if column not in train_data.column_names:
-            raise ConfigError(f"data column {column!r} not in {data_cfg.path!r}; allowed: {train_data.column_names}")
-        if column != standard:
-            train_data, eval_data = (d.rename_column(column, standard) for d in (train_data, eval_data))
-    label_names = train_data.features["label"].names
-    if data_cfg.train_subset is not None:
-        train_data = stratified_subset(train_data, data_cfg.train_subset.fraction, data_cfg.train_subset.seed)
-
-    # --- run length and resume (all checks before the model is built) -----------------------------------------------
-    steps_per_epoch = len(train_data) // config.micro_batch_size // accelerator.num_processes
-    if steps_per_epoch == 0:
-        raise ConfigError(f"micro_batch_size={config.micro_batch_size} x {accelerator.num_processes} process(es) "
-                          f"exceeds the {len(train_data)} training images")
-    max_steps = config.max_steps or config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_steps or int((config.warmup_epochs or 0) * steps_per_epoch)
-    model_config = config.build_model_config(label_names)
-    settings = run_settings(config.to_dict(), config.free_on_resume, model_config.to_dict(), accelerator.num_processes)
-    start = find_resume_point(output_dir, resume, settings, allow_changes, max_steps)
-
-    image_processor = ParameterNetImageProcessor(**config.image_processor)
-    model = AutoModelForImageClassification.from_config(model_config)
-    train_transform = TrainTransform(image_processor, config.augment, model.config.num_channels)
-    eval_transform = EvalTransform(image_processor)
-    loader_kwargs = {"collate_fn": collate, "num_workers": config.num_workers}
-    generator = torch.Generator().manual_seed(config.seed)
-    train_set = AugmentedDataset(train_data, train_transform, seed=config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.micro_batch_size, shuffle=True, drop_last=True,
-                              generator=generator, **loader_kwargs)
-    eval_loader = DataLoader(eval_data.with_transform(eval_transform), batch_size=config.eval_batch_size,
-                             **loader_kwargs)
-    # Training-set accuracy is measured on a fixed subset with the evaluation transform (no augmentation).
-    train_eval_size = min(config.train_eval_samples, len(train_data))
-    train_eval_loader = DataLoader(train_data.select(range(train_eval_size)).with_transform(eval_transform),
-                                   batch_size=config.eval_batch_size, **loader_kwargs)
-
-    # --- optimisation -----------------------------------------------------------------------------------------------
-    optimizer, scheduler = build_optimizer(model, config, max_steps, warmup_steps)
-    model, optimizer, train_loader, eval_loader, train_eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, train_eval_loader, scheduler
-    )
-    ema = ModelEMA(accelerator.unwrap_model(model), config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    step = start.step
-    if start.checkpoint is not None:
-        accelerator.load_state(str(start.checkpoint))
-        apply_optimizer_settings(optimizer, scheduler, config)
-        accelerator.print(f"resumed from {start.checkpoint} at step {step}"
-                          + (f" with changed settings {start.changes}" if start.changes else ""))
-
-    counts = count_vision(accelerator.unwrap_model(model).config.to_dict(), name=os.path.basename(config.model))
-    accelerator.print(f"{counts.name}: {counts.total_params:,} params, {counts.flops:,} FLOPs at "
-                      f"{model.config.image_size}x{model.config.image_size}; {max_steps} steps, {steps_per_epoch} "
-                      f"steps/epoch; world size {accelerator.num_processes}")
-    log_file = None
-    if accelerator.is_main_process:
-        # A fresh run starts a new log; a resumed one drops the records written after its checkpoint.
-        log_file = L.JsonlLog(output_dir / L.LOG_FILE, resume_step=step if resume else None)
-        if start.checkpoint is not None:
-            log_file.write({L.STEP: step, L.EVENT: L.EVENT_RESUME, L.CHECKPOINT: start.checkpoint.name,
-                            L.CHANGES: start.changes})
-        write_yaml_atomic(output_dir / CONFIG_FILE, config.to_dict(), header=change_history_header(start.history))
-
-    def log(record: dict) -> None:
-        if log_file is not None:
-            log_file.write(record)
-
-    def run_eval() -> dict:
-        metrics = evaluate(model, eval_loader, accelerator)
-        result = {L.EVAL_LOSS: metrics["loss"], L.EVAL_ACCURACY: metrics["accuracy"],
-                  L.EVAL_SAMPLES: metrics["samples"]}
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, eval_loader, accelerator)
-            result.update({L.EVAL_LOSS_EMA: ema_metrics["loss"], L.EVAL_ACCURACY_EMA: ema_metrics["accuracy"]})
-        model.train()
-        return result
-
-    # --- loop -------------------------------------------------------------------------------------------------------
-    saver = CheckpointSaver(accelerator, output_dir, config.keep_last)
-    model.train()
-    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    running_loss, running_count, start_time = 0.0, 0, time.time()
-    while step < max_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        generator.manual_seed(config.seed + epoch)  # the epoch's shuffle order, reproducible on resume
-        train_set.epoch = epoch  # the epoch's augmentation seeds
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=config.label_smoothing)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            accelerator.backward(loss)
-            # The norm is computed even without clipping: max_norm inf scales the gradients by exactly 1.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-            if not (torch.isfinite(torch.tensor(loss_value)) and (
-                    grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)))):
-                saver.discard()
-                raise FloatingPointError(f"non-finite loss {loss_value} or gradient norm at step {step + 1}; stopped "
-                                         f"before the update. Last good checkpoint: {saver.last_published() or 'none'}")
-            saver.publish()  # the pending checkpoint's weights gave this finite step
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
-            step += 1
-            running_loss += loss_value
-            running_count += 1
-            progress.update(1)
-            if step % config.log_every == 0 or step == max_steps:
-                record = {L.STEP: step, L.EPOCH: step / steps_per_epoch, L.LOSS: running_loss / running_count,
-                          L.LR: scheduler.get_last_lr()[0],
-                          L.GRAD_NORM: float(grad_norm) if grad_norm is not None else None,
-                          L.ELAPSED_S: round(time.time() - start_time, 2)}
-                progress.set_postfix(loss=f"{record[L.LOSS]:.4f}", lr=f"{record[L.LR]:.2e}")
-                log(record)
-                running_loss, running_count = 0.0, 0
-            if step % config.eval_every == 0 and step < max_steps:
-                metrics = run_eval()
-                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                             if k != L.EVAL_SAMPLES))
-                log({L.STEP: step, **metrics})
-            if (config.save_every and step % config.save_every == 0) or step == max_steps:
-                saver.save(step, trainer_state={"step": step, "config_changes": start.history},
-                           run_settings=settings, rank_files={})
-            if step >= max_steps:
-                break
-    progress.close()
-
-    # --- final evaluation and export --------------------------------------------------------------------------------
-    final_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-    metrics = run_eval()
-    final_accuracy = metrics.get(L.EVAL_ACCURACY_EMA, metrics[L.EVAL_ACCURACY])
-    if not torch.isfinite(torch.tensor(metrics[L.EVAL_LOSS])):
-        raise FloatingPointError(f"non-finite evaluation loss after step {step}; last good checkpoint: "
-                                 f"{saver.last_published() or 'none'}")
-    saver.publish()  # the last step's weights: their evaluation loss is finite
-    train_metrics = evaluate(final_model, train_eval_loader, accelerator)
+    task = ImageClassificationTask(config)
+    outcome = run(task, config, resume=resume, allow_changes=allow_changes)
+    metrics = outcome.final_eval
     results = {
-        "model_config": config.model, "steps": step, "train_samples": len(train_data),
-        "total_params": counts.total_params,
-        "flops": counts.flops, "image_size": model.config.image_size,
-        "num_experts": getattr(model.config, "num_experts", None),
-        **metrics, "test_accuracy": final_accuracy, L.TRAIN_ACCURACY: train_metrics["accuracy"],
-        "train_accuracy_samples": train_metrics["samples"], "exported_weights": "ema" if ema is not None else "raw",
-        "train_time_s": round(time.time() - start_time, 1),
+        "model_config": config.model, "steps": outcome.steps, "train_samples": len(task.train_data),
+        "total_params": task.counts.total_params, "flops": task.counts.flops,
+        "image_size": outcome.model.config.image_size,
+        "num_experts": getattr(outcome.model.config, "num_experts", None),
+        **metrics, "test_accuracy": metrics.get(L.EVAL_ACCURACY_EMA, metrics[L.EVAL_ACCURACY]),
+        "exported_weights": "ema" if task.ema is not None else "raw", "train_time_s": outcome.train_time_s,
     }
-    log({L.STEP: step, **metrics, L.TRAIN_ACCURACY: train_metrics["accuracy"]})
-    if accelerator.is_main_process:
-        # Written beside, then renamed: a kill during the export never leaves a half-written `final/`.
-        final_tmp = output_dir / "final.tmp"
-        if final_tmp.is_dir():
-            shutil.rmtree(final_tmp)
-        final_model.save_pretrained(final_tmp, safe_serialization=True)
-        image_processor.save_pretrained(final_tmp)
-        publish_dir(final_tmp, output_dir / "final")
-        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        plot_training(output_dir / L.LOG_FILE, output_dir / "training.png", title=output_dir.name)
+    if outcome.accelerator.is_main_process:
+        (task.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
-    accelerator.end_training()
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = config_argument_parser("train_vision.py", __doc__.splitlines()[0], VisionTrainConfig)
     parser.add_argument("--config", required=True, help="training recipe YAML (configs/vision/train-*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                        help="with --resume: accept a changed setting (dotted key or section); repeat for several")
+    add_resume_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys, YAML values")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_intermixed_args(argv)
-    if args.allow_change and not args.resume:
-        raise ConfigError("--allow-change only applies with --resume")
+    check_resume_arguments(args)
     config = load_config(VisionTrainConfig, args.config, args.overrides)
     return train(config, resume=args.resume, allow_changes=args.allow_change)
 

@@ -1,12 +1,12 @@
 """The low-FLOPs trap in miniature (GhostNet / ParameterNet / RepConv on 10% and 100% of Fashion-MNIST): the command
-line of `pnet.low_flops_trap`.
+line of `experiments.low_flops_trap`.
 
     nice -n 5 python scripts/low_flops_trap.py --config configs/replicate/low-flops-trap.yaml [key=value ...]
 
 ``--help`` lists every config key. Re-running the same command skips finished runs and continues interrupted ones.
 """
 
-from pnet.low_flops_trap import cli
+from experiments.low_flops_trap import cli
 
 if __name__ == "__main__":
     cli()

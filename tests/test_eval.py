@@ -329,9 +329,9 @@ def test_finetune_sst2_offline_heldout(tiny_pnet_dir, fixture_data_dir, tmp_path
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0] - 0.1
     # The saved classifier's tokenizer pads (a pad token, the model's context length) and carries no load-time keys.
-    saved = json.loads((tmp_path / "ft" / "tokenizer_config.json").read_text())
+    saved = json.loads((tmp_path / "ft" / "final" / "tokenizer_config.json").read_text())
     assert saved["pad_token"] == "<unk>" and saved["model_max_length"] == 512 and "local_files_only" not in saved
-    assert json.loads((tmp_path / "ft" / "config.json").read_text())["pad_token_id"] == 0
+    assert json.loads((tmp_path / "ft" / "final" / "config.json").read_text())["pad_token_id"] == 0
     with pytest.raises(FileNotFoundError, match=r"no sst2/validation.jsonl\[.gz\] under .* it holds"):
         finetune.main([str(tiny_pnet_dir), f"data.data_dir={tmp_path / 'ft'}"])
 

@@ -1,4 +1,4 @@
-"""scripts/low_flops_trap.py (pnet.low_flops_trap) at smoke scale: the report, its JSON and plot exist with every
+"""scripts/low_flops_trap.py (experiments.low_flops_trap) at smoke scale: the report, its JSON and plot exist with every
 model and share; a re-run skips finished runs, continues an interrupted one and refuses changed settings; the
 training share is a fixed, class-balanced draw, the same for every call and every run seed."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pnet import low_flops_trap as trap
+from experiments import low_flops_trap as trap
 from pnet.config import ConfigError
 from pnet.vision_data import read_idx, stratified_subset
 

@@ -1,4 +1,4 @@
-"""scripts/replicate_table7.py (pnet.table7) end to end at smoke scale (dense + one MoE row, a few steps, eval limit
+"""scripts/replicate_table7.py (experiments.table7) end to end at smoke scale (dense + one MoE row, a few steps, eval limit
 4, SST-2 on a few sentences): the report, its JSON and both PNGs exist with the right rows and finite numbers; a re-run
 skips finished stages; a run is not continued with other settings; config errors (also in the settings every stage
 will get) are raised before anything runs."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pnet import table7 as runner
+from experiments import table7 as runner
 from pnet.checkpoint import ResumeError
 from pnet.config import ConfigError
 
@@ -127,7 +127,7 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
         runner.run_row(loaded, loaded.rows[4])
 
 
-def test_config_errors_name_the_bad_value(tmp_path):
+def test_config_errors_name_the_bad_value(tmp_path, shared_data):  # the config reads ../shared/data
     base = yaml.safe_load(CONFIG.read_text())
     config = runner.load_replicate_config(CONFIG)
     assert [r.name for r in config.rows] == ["dense", "gate-e4", "gate-e8", "up-e4", "up-e8", "down-e4", "down-e8"]
@@ -156,7 +156,7 @@ def test_config_errors_name_the_bad_value(tmp_path):
         runner.load_replicate_config(CONFIG, ["pretrain_overrides.warmup_steps=250"])
 
 
-def test_rows_differ_only_in_experts():
+def test_rows_differ_only_in_experts(shared_data):  # the config reads ../shared/data
     """Derived model files: dense is the base unchanged; MoE rows add only the routing fields."""
     config = runner.load_replicate_config(CONFIG, ["pretrain_overrides.max_steps=40"])
     assert config.pretrain_overrides["max_steps"] == 40

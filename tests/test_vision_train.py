@@ -65,6 +65,11 @@ def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tm
     # The log keeps one record per step: the resumed run replaced what the killed one wrote after step 3.
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    # Killed after the last checkpoint, before the export: --resume trains nothing, evaluates and exports.
+    shutil.rmtree(final)
+    (run / "results.json").unlink()
+    finished = vision_train.main(recipe_args(run) + ["--resume"])
+    assert finished["test_accuracy"] == resumed_results["test_accuracy"] and (final / "model.safetensors").is_file()
     # Resuming with another learning rate is refused, naming it (the shared pnet.checkpoint resume check).
     with pytest.raises(ResumeError, match="lr: 0.004 in the checkpoint, 0.01 now"):
         vision_train.main(recipe_args(run) + ["lr=0.01", "--resume"])

@@ -43,6 +43,7 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
+from pnet import finetune, pretrain
 from pnet import run_log as L
 from pnet.checkpoint import list_checkpoints, write_json_atomic
 from pnet.config import (
@@ -54,6 +55,7 @@ from pnet.config import (
     config_argument_parser,
     parse_config,
     read_yaml,
+    yaml_value,
 )
 from pnet.counting import count_config
 from pnet.llama_counting import DEFAULT_SEQ_LEN
@@ -201,11 +203,6 @@ class ReplicateConfig(ConfigModel):
             self.finetune_config(self.output_root)
 
 
-def yaml_value(value: Any) -> str:
-    """A value as a ``key=value`` override reads it back (YAML flow style, one line)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-
 def load_replicate_config(path: str | os.PathLike, overrides: list[str] = ()) -> ReplicateConfig:
     """Read the YAML, apply ``key=value`` overrides and check it, including the stages' own configs.
     ``pretrain_overrides.<key>`` and ``sst2.overrides.<key>`` take the rest of the key whole (a dotted key)."""
@@ -310,13 +307,11 @@ def command_env(threads: int) -> dict[str, str]:
 
 def run_pretraining(config: ReplicateConfig, model_path: Path, run_dir: Path, resume: bool) -> None:
     """Pretrain a row in this process, or through ``launcher`` (a failure stops the runner naming the command)."""
-    from pnet import pretrain
-
     arguments = pretrain_arguments(config, model_path, run_dir) + (["--resume"] if resume else [])
     print("$ " + shlex.join(pretrain_command(config, model_path, run_dir) + (["--resume"] if resume else [])),
           flush=True)
     if not config.launcher:
-        pretrain.main(arguments)
+        pretrain.train(config.pretrain_config(str(model_path), str(run_dir)), resume=resume)
         return
     env = command_env(config.threads_per_process)
     if shutil.which(config.launcher[0], path=env["PATH"]) is None:
@@ -332,9 +327,13 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"done": []}
 
 
+def run_sst2(config: FinetuneSst2Config) -> None:
+    """Fine-tune SST-2, continuing from the checkpoints a killed runner left."""
+    finetune.train(config, resume=bool(list_checkpoints(finetune.output_dir_of(config))))
+
+
 def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     """Pretrain, evaluate and (optionally) fine-tune one row, skipping the stages already done."""
-    from pnet.finetune import finetune
     from pnet_eval.perplexity import evaluate_perplexity
     from pnet_eval.zero_shot import evaluate
 
@@ -369,7 +368,7 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
                                       batch_size=zs.batch_size),
         "perplexity": lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
                                                   batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id),
-        "sst2": lambda: finetune(config.finetune_config(str(final))),
+        "sst2": lambda: run_sst2(config.finetune_config(str(final))),
     }
     for name, command in evaluation_stages(config, final):
         if name in state["done"]:
