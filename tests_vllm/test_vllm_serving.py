@@ -269,3 +269,21 @@ def test_routed_linear_op(dtype):
     torch.testing.assert_close(got.double(), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
     compiled = torch.compile(torch.ops.vllm.pnet_routed_linear, fullgraph=True, dynamic=True, backend="eager")
     torch.testing.assert_close(compiled(hidden, weight, expert_index), got)
+
+
+# --------------------------------------------------------------------------------------------- the plugin
+
+
+def test_plugin_register_adds_the_architectures_to_vllms_registry():
+    """`register()` (vLLM's `general_plugins` entry point) makes both PNet architectures known to vLLM's real
+    registry, resolving to pnet's native classes, and is idempotent."""
+    from vllm import ModelRegistry
+
+    from pnet import vllm_plugin
+
+    vllm_plugin.register()
+    vllm_plugin.register()
+    supported = set(ModelRegistry.get_supported_archs())
+    assert set(vllm_plugin.VLLM_MODEL_CLASSES) <= supported
+    model_class, _ = ModelRegistry.resolve_model_cls(["PNetLlamaForCausalLM"], model_config=None)
+    assert f"{model_class.__module__}.{model_class.__name__}" == NATIVE_CLASS
