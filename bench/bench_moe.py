@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
+from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, grouped_linear, routed_matmul, sort_by_expert
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
@@ -111,6 +111,22 @@ def bench_projection(args) -> dict:
         y = expert_linear(x, fixed_route.expert_index, fixed_route.expert_scale)
         y.backward(upstream)
 
+    compiled_router = torch.compile(router, fullgraph=True)
+
+    def fused_router_step():  # the router's logits, softmax and top-1 fused by inductor into one compiled region
+        clear_grads()
+        route = compiled_router(x)
+        y = expert_linear(x, route.expert_index, route.expert_scale)
+        y.backward(upstream)
+
+    def composed_step():  # what the _PermutedGroupedLinear fast path replaces: autograd's gather / matmul / gather
+        clear_grads()
+        route = router(x)
+        order, _, end = sort_by_expert(route.expert_index, experts)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(tokens))
+        y = grouped_linear(x.index_select(0, order), expert_linear.weight, end.int()).index_select(0, inverse)
+        (y * route.expert_scale[:, None]).backward(upstream)
+
     def naive_step():
         clear_grads()
         route = router(x)
@@ -123,10 +139,30 @@ def bench_projection(args) -> dict:
         y.backward(upstream)
 
     result = interleaved_median_seconds(
-        {"dense": dense_step, "routed": routed_step, "experts_only": experts_only_step, "naive_loop": naive_step},
+        {
+            "dense": dense_step,
+            "routed": routed_step,
+            "fused_router": fused_router_step,
+            "composed": composed_step,
+            "experts_only": experts_only_step,
+            "naive_loop": naive_step,
+        },
         args.repeats,
         inner=3,
     )
+    # Decode (one token, no gradient): ExpertLinear's CPU decode path vs the general routed matmul vs dense.
+    one, index = x[:1].detach(), fixed_route.expert_index[:1]
+    with torch.no_grad():
+        decode = interleaved_median_seconds(
+            {
+                "dense": lambda: dense(one),
+                "decode_path": lambda: expert_linear(one, index, fixed_route.expert_scale[:1]),
+                "routed_matmul": lambda: routed_matmul(one, expert_linear.weight, index),
+            },
+            args.repeats,
+            inner=200,
+        )
+    result["decode"] = decode
     counts = torch.bincount(router(x).expert_index, minlength=experts).tolist()
     result["tokens_per_expert"] = counts
     result["shape"] = f"{args.projection}: {tokens} tokens x ({in_f} -> {out_f}), E={experts}"
@@ -252,11 +288,18 @@ def main() -> None:
         print(f"\n===== {threads} thread(s) =====")
         proj = bench_projection(args)
         print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-        for name in ("dense", "routed", "experts_only", "naive_loop"):
+        for name in ("dense", "routed", "fused_router", "composed", "experts_only", "naive_loop"):
             print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
         print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
+        print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}   (kept if above routed)")
+        print(f"    composed / dense throughput      {proj['dense'] / proj['composed']:.3f}   (the fast path pays if "
+              "routed is above)")
         print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
         print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
+        decode = proj["decode"]
+        print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path {decode['decode_path'] * 1e6:.1f} us"
+              f", routed matmul {decode['routed_matmul'] * 1e6:.1f} us; decode path / routed matmul throughput "
+              f"{decode['routed_matmul'] / decode['decode_path']:.3f}")
 
         train = bench_training(args, models)
         print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")
