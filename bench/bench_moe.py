@@ -9,7 +9,10 @@ printed at the start (and should be below ~0.5 for figures worth quoting).
 
 Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
   1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
-     FLOPs (goal >= 0.90); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop;
+     FLOPs (goal >= 0.90); the same with the router compiled (logits, softmax and top-1 fused: the candidate fast
+     path); without the permuted grouped-matmul autograd Function (autograd's composition: what that fast path
+     replaces); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop; and one
+     decode token through ExpertLinear's CPU decode path vs the general routed matmul;
   2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
      (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
   3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95);
@@ -291,15 +294,16 @@ def main() -> None:
         for name in ("dense", "routed", "fused_router", "composed", "experts_only", "naive_loop"):
             print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
         print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
-        print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}   (kept if above routed)")
+        print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
+              "   (worth keeping if above routed)")
         print(f"    composed / dense throughput      {proj['dense'] / proj['composed']:.3f}   (the fast path pays if "
               "routed is above)")
         print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
         print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
         decode = proj["decode"]
-        print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path {decode['decode_path'] * 1e6:.1f} us"
-              f", routed matmul {decode['routed_matmul'] * 1e6:.1f} us; decode path / routed matmul throughput "
-              f"{decode['routed_matmul'] / decode['decode_path']:.3f}")
+        print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "
+              f"{decode['decode_path'] * 1e6:.1f} us, routed matmul {decode['routed_matmul'] * 1e6:.1f} us; "
+              f"decode path / routed matmul throughput {decode['routed_matmul'] / decode['decode_path']:.3f}")
 
         train = bench_training(args, models)
         print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")

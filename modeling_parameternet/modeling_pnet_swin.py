@@ -53,7 +53,8 @@ class PNetSwinMoEMLP(SwinMLP):
 
 # Router logits on their way out of the encoder. The encoder records them with transformers' output capturing, as
 # PNet-LLaMA does; Swin's model and classifier rebuild their outputs field by field and would drop them, so the
-# PNet-Swin forwards collect them here (a context variable: thread- and re-entry-safe).
+# PNet-Swin forwards collect them here (a context variable: thread- and re-entry-safe; torch.compile breaks the graph
+# at it, so PNet-Swin compiles without fullgraph=True).
 _ROUTER_LOGITS: ContextVar[list | None] = ContextVar("pnet_swin_router_logits", default=None)
 
 

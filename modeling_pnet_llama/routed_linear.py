@@ -56,7 +56,10 @@ class TopOneRouter(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        with torch.autocast(hidden_states.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+        if torch.is_autocast_enabled(hidden_states.device.type):  # autocast would run the matmul in bf16/fp16
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                router_logits = F.linear(hidden_states, self.weight.float())
+        else:  # (no context manager per call: in decoding every op of the router is a measurable share of a token)
             router_logits = F.linear(hidden_states, self.weight.float())
         top_prob, expert_index = torch.softmax(router_logits, dim=-1).max(dim=-1)
         expert_scale = top_prob / top_prob.detach() if self.expert_output_scaling == "straight_through" else top_prob

@@ -409,3 +409,29 @@ def test_sequence_classification_forward_loss_and_save_load(tmp_path):
     PNetLlamaForCausalLM(tiny_config(num_experts=2)).save_pretrained(tmp_path / "lm")
     classifier = PNetLlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pad_token_id=0)
     assert classifier(input_ids, attention_mask=attention_mask).logits.shape == (2, 3)
+
+
+def test_no_dense_decoder_or_mlp_is_allocated(monkeypatch):
+    """LLaMA's constructors build dense decoder layers and MLPs that PNet-LLaMA replaces: on the meta device (no
+    memory, no initialisation), so the only real LlamaMLP-free layers are PNet's; the weights are initialised as
+    transformers initialises a new LLaMA."""
+    from transformers.models.llama import modeling_llama
+
+    real_builds = []
+    for cls in (modeling_llama.LlamaMLP, modeling_llama.LlamaDecoderLayer):
+        original = cls.__init__
+
+        def recording_init(self, *args, original=original, **kwargs):
+            if torch.get_default_device().type != "meta":
+                real_builds.append(type(self).__name__)
+            original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    model = PNetLlamaForCausalLM(tiny_config(num_experts=2, moe_projections=["up"]))
+    assert real_builds == []  # PNetLlamaDecoderLayer builds its parent on meta too
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    layer = model.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(TINY["hidden_size"]))
+    assert 0.015 < layer.self_attn.q_proj.weight.std() < 0.025  # normal(0, initializer_range = 0.02)
+    fresh = LlamaForCausalLM(LlamaConfig(**TINY))
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)

@@ -172,3 +172,30 @@ def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path, repo_root):
         "modeling_pnet_swin.PNetSwinForImageClassification")
 
     check_saved_folder(model, save_dir, tmp_path, labels)
+
+
+def test_replaced_dense_modules_are_built_on_meta(monkeypatch):
+    """Swin's constructors build a dense encoder (inside SwinModel) and a dense SwinModel (inside the classifier) that
+    PNet-Swin replaces, and dense MLPs whose fc2 it replaces: all on the meta device (no memory, no initialisation);
+    the model gets its storage once, at the end, and is initialised as transformers initialises a new Swin."""
+    from transformers.models.swin import modeling_swin
+
+    built = {"encoder": [], "mlp": []}
+    for name, cls in (("encoder", modeling_swin.SwinEncoder), ("mlp", modeling_swin.SwinMLP)):
+        original = cls.__init__
+
+        def recording_init(self, *args, original=original, name=name, **kwargs):
+            built[name].append((type(self).__name__, torch.get_default_device().type))
+            original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    model = tiny_pnet_swin()
+    assert built["encoder"] == [("SwinEncoder", "meta"), ("SwinEncoder", "meta"), ("PNetSwinEncoder", "meta")]
+    assert {device for _, device in built["mlp"]} == {"meta"}
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    attention = model.swin.encoder.layers[0].blocks[0].attention
+    fresh = SwinForImageClassification(SwinConfig(**TINY)).swin.encoder.layers[0].blocks[0].attention
+    index, fresh_index = ({k: v for k, v in module.named_buffers() if "relative_position_index" in k}
+                          for module in (attention, fresh))
+    assert index.keys() == fresh_index.keys() and len(index) == 1
+    assert all(torch.equal(index[k], fresh_index[k]) for k in index)  # recomputed after the meta build
