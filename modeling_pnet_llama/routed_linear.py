@@ -88,12 +88,13 @@ def sort_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.
 
 def grouped_mm_takes(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.grouped_mm` takes these operands: transformers' rule for its own experts (device, dtype under
-    torch.compile), plus one dtype for both operands, bfloat16 on CUDA (the dtype torch's CUDA kernel is built for)
-    and rows of a multiple of 16 bytes (the CPU backward kernels reject other strides)."""
+    torch.compile), plus what its kernels accept: one dtype for both operands, bfloat16 on CUDA and fp32/bf16/fp16 on
+    the CPU, rows of a multiple of 16 bytes (the CPU backward kernels reject other strides)."""
     row_bytes = hidden_states.element_size()
+    kernel_dtypes = (torch.bfloat16,) if weight.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
     return (
         hidden_states.dtype == weight.dtype
-        and (weight.device.type != "cuda" or weight.dtype == torch.bfloat16)
+        and weight.dtype in kernel_dtypes
         and (weight.shape[-1] * row_bytes) % 16 == 0
         and (weight.shape[-2] * row_bytes) % 16 == 0
         and transformers_moe._can_use_grouped_mm(hidden_states, weight, None)
