@@ -10,8 +10,7 @@ printed at the start (and should be below ~0.5 for figures worth quoting).
 Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
   1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
      FLOPs (goal >= 0.90); the same with the router compiled (logits, softmax and top-1 fused: the candidate fast
-     path); without the permuted grouped-matmul autograd Function (autograd's composition: what that fast path
-     replaces); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop; and one
+     path); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop; and one
      decode token through ExpertLinear's CPU decode path vs the general routed matmul;
   2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
      (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, grouped_linear, routed_matmul, sort_by_expert
+from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed_matmul
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
@@ -122,14 +121,6 @@ def bench_projection(args) -> dict:
         y = expert_linear(x, route.expert_index, route.expert_scale)
         y.backward(upstream)
 
-    def composed_step():  # what the _PermutedGroupedLinear fast path replaces: autograd's gather / matmul / gather
-        clear_grads()
-        route = router(x)
-        order, _, end = sort_by_expert(route.expert_index, experts)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(tokens))
-        y = grouped_linear(x.index_select(0, order), expert_linear.weight, end.int()).index_select(0, inverse)
-        (y * route.expert_scale[:, None]).backward(upstream)
-
     def naive_step():
         clear_grads()
         route = router(x)
@@ -146,7 +137,6 @@ def bench_projection(args) -> dict:
             "dense": dense_step,
             "routed": routed_step,
             "fused_router": fused_router_step,
-            "composed": composed_step,
             "experts_only": experts_only_step,
             "naive_loop": naive_step,
         },
@@ -291,13 +281,11 @@ def main() -> None:
         print(f"\n===== {threads} thread(s) =====")
         proj = bench_projection(args)
         print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-        for name in ("dense", "routed", "fused_router", "composed", "experts_only", "naive_loop"):
+        for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
             print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
         print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
         print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
               "   (worth keeping if above routed)")
-        print(f"    composed / dense throughput      {proj['dense'] / proj['composed']:.3f}   (the fast path pays if "
-              "routed is above)")
         print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
         print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
         decode = proj["decode"]

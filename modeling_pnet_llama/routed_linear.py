@@ -91,7 +91,8 @@ def grouped_mm_takes(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
     torch.compile), plus what its kernels accept: one dtype for both operands, bfloat16 on CUDA and fp32/bf16/fp16 on
     the CPU, rows of a multiple of 16 bytes (the CPU backward kernels reject other strides)."""
     row_bytes = hidden_states.element_size()
-    kernel_dtypes = (torch.bfloat16,) if weight.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    on_cuda = weight.device.type == "cuda"
+    kernel_dtypes = (torch.bfloat16,) if on_cuda else (torch.float32, torch.bfloat16, torch.float16)
     return (
         hidden_states.dtype == weight.dtype
         and weight.dtype in kernel_dtypes
@@ -109,34 +110,10 @@ def grouped_linear(sorted_states: torch.Tensor, weight: torch.Tensor, end_offset
     return torch.ops.transformers.grouped_mm_fallback(sorted_states, weight.transpose(-2, -1), end_offsets)
 
 
-class _PermutedGroupedLinear(torch.autograd.Function):
-    """`y = inverse_order(grouped_mm(order(x)))` for the eager grouped_mm path. Kept because it pays on the CPU
-    (bench/bench_moe.py): autograd's composition zero-fills and scatter-adds the input gradient through
-    `index_select`'s backward; `order` is a permutation, so here both backward permutations are plain gathers."""
-
-    @staticmethod
-    def forward(ctx, hidden_states, weight, order, inverse_order, end_offsets):
-        sorted_states = hidden_states.index_select(0, order)
-        ctx.save_for_backward(sorted_states, weight, order, inverse_order, end_offsets)
-        return F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets).index_select(0, inverse_order)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        sorted_states, weight, order, inverse_order, end_offsets = ctx.saved_tensors
-        grad_sorted = grad_output.index_select(0, order)  # contiguous, whatever the upstream strides
-        grad_states = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_states = F.grouped_mm(grad_sorted, weight, offs=end_offsets).index_select(0, inverse_order)
-        if ctx.needs_input_grad[1]:  # (E, out, T_e) x (T_e, in) per expert; experts without tokens get zeros
-            grad_weight = F.grouped_mm(grad_sorted.transpose(0, 1), sorted_states, offs=end_offsets)
-        return grad_states, grad_weight, None, None, None
-
-
 def routed_matmul(hidden_states: torch.Tensor, weight: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
     """`y[t] = weight[expert_index[t]] @ hidden_states[t]`: hidden_states (T, in), weight (E, out, in) -> (T, out).
-    No host sync; every shape depends only on T."""
-    compiling = torch.compiler.is_compiling()
-    if compiling and not grouped_mm_takes(hidden_states, weight):
+    Every shape depends only on T; no host sync on the grouped_mm path and in compiled graphs."""
+    if torch.compiler.is_compiling() and not grouped_mm_takes(hidden_states, weight):
         # Traced without the per-expert operator, which reads the group sizes on the host (no CUDA graphs) and whose
         # backward transformers 5.19 cannot trace: every expert on every token, then a gather (num_experts x the
         # FLOPs).
@@ -144,11 +121,9 @@ def routed_matmul(hidden_states: torch.Tensor, weight: torch.Tensor, expert_inde
         every_expert = F.linear(hidden_states, weight.reshape(-1, in_features)).view(-1, num_experts, out_features)
         return every_expert.gather(1, expert_index.view(-1, 1, 1).expand(-1, 1, out_features)).squeeze(1)
     order, _, end = sort_by_expert(expert_index, weight.shape[0])
-    end_offsets = end.to(torch.int32)
     inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-    if not compiling and grouped_mm_takes(hidden_states, weight):
-        return _PermutedGroupedLinear.apply(hidden_states, weight, order, inverse_order, end_offsets)
-    return grouped_linear(hidden_states.index_select(0, order), weight, end_offsets).index_select(0, inverse_order)
+    sorted_output = grouped_linear(hidden_states.index_select(0, order), weight, end.to(torch.int32))
+    return sorted_output.index_select(0, inverse_order)
 
 
 class ExpertLinear(nn.Module):
