@@ -9,7 +9,9 @@ printed at the start (and should be below ~0.5 for figures worth quoting).
 
 Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
   1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
-     FLOPs (goal >= 0.90); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop;
+     FLOPs (goal >= 0.90); the same with the router compiled (logits, softmax and top-1 fused: the candidate fast
+     path); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop; and one
+     decode token through ExpertLinear's CPU decode path vs the general routed matmul;
   2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
      (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
   3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95);
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
+from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed_matmul
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
@@ -111,6 +113,14 @@ def bench_projection(args) -> dict:
         y = expert_linear(x, fixed_route.expert_index, fixed_route.expert_scale)
         y.backward(upstream)
 
+    compiled_router = torch.compile(router, fullgraph=True)
+
+    def fused_router_step():  # the router's logits, softmax and top-1 fused by inductor into one compiled region
+        clear_grads()
+        route = compiled_router(x)
+        y = expert_linear(x, route.expert_index, route.expert_scale)
+        y.backward(upstream)
+
     def naive_step():
         clear_grads()
         route = router(x)
@@ -123,10 +133,29 @@ def bench_projection(args) -> dict:
         y.backward(upstream)
 
     result = interleaved_median_seconds(
-        {"dense": dense_step, "routed": routed_step, "experts_only": experts_only_step, "naive_loop": naive_step},
+        {
+            "dense": dense_step,
+            "routed": routed_step,
+            "fused_router": fused_router_step,
+            "experts_only": experts_only_step,
+            "naive_loop": naive_step,
+        },
         args.repeats,
         inner=3,
     )
+    # Decode (one token, no gradient): ExpertLinear's CPU decode path vs the general routed matmul vs dense.
+    one, index = x[:1].detach(), fixed_route.expert_index[:1]
+    with torch.no_grad():
+        decode = interleaved_median_seconds(
+            {
+                "dense": lambda: dense(one),
+                "decode_path": lambda: expert_linear(one, index, fixed_route.expert_scale[:1]),
+                "routed_matmul": lambda: routed_matmul(one, expert_linear.weight, index),
+            },
+            args.repeats,
+            inner=200,
+        )
+    result["decode"] = decode
     counts = torch.bincount(router(x).expert_index, minlength=experts).tolist()
     result["tokens_per_expert"] = counts
     result["shape"] = f"{args.projection}: {tokens} tokens x ({in_f} -> {out_f}), E={experts}"
@@ -252,11 +281,17 @@ def main() -> None:
         print(f"\n===== {threads} thread(s) =====")
         proj = bench_projection(args)
         print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-        for name in ("dense", "routed", "experts_only", "naive_loop"):
+        for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
             print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
         print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
+        print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
+              "   (worth keeping if above routed)")
         print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
         print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
+        decode = proj["decode"]
+        print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "
+              f"{decode['decode_path'] * 1e6:.1f} us, routed matmul {decode['routed_matmul'] * 1e6:.1f} us; "
+              f"decode path / routed matmul throughput {decode['routed_matmul'] / decode['decode_path']:.3f}")
 
         train = bench_training(args, models)
         print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")

@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
+from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter
 
 REPO = Path(__file__).resolve().parents[1]
 

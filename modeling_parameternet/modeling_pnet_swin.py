@@ -9,10 +9,11 @@ probability, as in the official ParameterNet LLaMA code. The Switch load-balanci
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.models.swin.modeling_swin import (
@@ -21,75 +22,61 @@ from transformers.models.swin.modeling_swin import (
     SwinImageClassifierOutput,
     SwinMLP,
     SwinModel,
+    SwinModelOutput,
     SwinPreTrainedModel,
 )
 from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_pnet_swin import PNetSwinConfig
-
-
-class PNetSwinExpertLinear(nn.Module):
-    """`num_experts` linear maps with bias in one `(num_experts, out_features, in_features)` weight; each token goes
-    through the expert its router chose. Dropless: tokens are sorted by expert and each expert multiplies its
-    contiguous slice (one host sync for the slice sizes)."""
-
-    def __init__(self, in_features: int, out_features: int, num_experts: int):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_features))
-
-    def forward(self, hidden_states: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        """hidden_states (T, in_features), expert_index (T,) -> (T, out_features)."""
-        if self.num_experts == 1:
-            return F.linear(hidden_states, self.weight[0], self.bias[0])
-        order = torch.argsort(expert_index, stable=True)
-        tokens_per_expert = torch.bincount(expert_index, minlength=self.num_experts).tolist()
-        sorted_states = hidden_states.index_select(0, order)
-        sorted_output = torch.cat(
-            [
-                F.linear(chunk, self.weight[expert], self.bias[expert])
-                for expert, chunk in enumerate(sorted_states.split(tokens_per_expert))
-            ]
-        )
-        return torch.empty_like(sorted_output).index_copy_(0, order, sorted_output)
-
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
+from .routed_linear import ExpertLinear, TopOneRouter, load_balancing_loss, replacing_dense_modules
 
 
 class PNetSwinMoEMLP(SwinMLP):
-    """Swin's MLP `fc2(act(fc1(x)))` with fc2 routed: a top-1 `router` (Linear, no bias) on act(fc1(x)) picks one of
-    `num_experts` fc2 experts per token; its output is scaled by the top-1 router probability."""
+    """Swin's MLP `fc2(act(fc1(x)))` with fc2 routed: a top-1 `router` on act(fc1(x)) picks one of `num_experts` fc2
+    experts (with bias) per token; the expert's output is scaled by the top-1 router probability."""
 
     def __init__(self, config: PNetSwinConfig, dim: int):
-        super().__init__(config, dim)
-        hidden_features = self.fc1.out_features
-        self.router = nn.Linear(hidden_features, config.num_experts, bias=False)
-        self.fc2 = PNetSwinExpertLinear(hidden_features, dim, config.num_experts)
+        with replacing_dense_modules(self):  # SwinMLP's dense fc2
+            super().__init__(config, dim)
+            hidden_features = self.fc1.out_features
+            self.router = TopOneRouter(hidden_features, config.num_experts)
+            self.fc2 = ExpertLinear(hidden_features, dim, config.num_experts, bias=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        # float32 routing (Switch's selective precision); the model collects these logits for the balancing loss.
-        router_logits = self.router(tokens).float()
-        top_prob, expert_index = router_logits.softmax(dim=-1).max(dim=-1)
-        output = self.fc2(tokens, expert_index) * top_prob.to(tokens.dtype)[:, None]
+        route = self.router(tokens)
+        output = self.fc2(tokens, route.expert_index, route.expert_scale)
         return output.view(*hidden_states.shape[:-1], output.shape[-1])
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Switch load-balancing loss averaged over routers: `N * sum_i f_i * P_i` per router, f_i the fraction of tokens
-    whose argmax is expert i, P_i their mean router probability for i. 1.0 at uniform routing; only P has gradient."""
-    losses = []
-    for logits in router_logits:
-        num_experts = logits.shape[-1]
-        probs = logits.float().softmax(dim=-1)
-        fraction = F.one_hot(probs.argmax(dim=-1), num_experts).float().mean(dim=0)
-        losses.append(num_experts * torch.sum(fraction * probs.mean(dim=0)))
-    return torch.stack(losses).mean()
+# Router logits on their way out of the encoder. The encoder records them with transformers' output capturing, as
+# PNet-LLaMA does; Swin's model and classifier rebuild their outputs field by field and would drop them, so the
+# PNet-Swin forwards collect them here (a context variable: thread- and re-entry-safe; torch.compile breaks the graph
+# at it, so PNet-Swin compiles without fullgraph=True).
+_ROUTER_LOGITS: ContextVar[list | None] = ContextVar("pnet_swin_router_logits", default=None)
+
+
+@contextlib.contextmanager
+def _collecting_router_logits():
+    outer, logits = _ROUTER_LOGITS.get(), []
+    token = _ROUTER_LOGITS.set(logits)
+    try:
+        yield logits
+    finally:
+        _ROUTER_LOGITS.reset(token)
+        if outer is not None:
+            outer.extend(logits)
+
+
+@dataclass
+class PNetSwinModelOutput(SwinModelOutput):
+    r"""
+    router_logits (`tuple(torch.Tensor)`, *optional*): one `(tokens, num_experts)` float32 tensor per routed MLP.
+    """
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -106,34 +93,56 @@ class PNetSwinImageClassifierOutput(SwinImageClassifierOutput):
 class PNetSwinPreTrainedModel(SwinPreTrainedModel):
     config: PNetSwinConfig
     config_class = PNetSwinConfig
+    _can_record_outputs = {
+        **(SwinPreTrainedModel._can_record_outputs or {}),
+        "router_logits": OutputRecorder(TopOneRouter, index=0),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Swin's initialisation; every fc2 expert like Swin's own linear layers (normal(0, initializer_range), zero
-        bias)."""
+        """Swin's initialisation; every fc2 expert and router like Swin's own linear layers (normal(0,
+        initializer_range), zero bias)."""
         super()._init_weights(module)
-        if isinstance(module, PNetSwinExpertLinear):
+        if isinstance(module, (ExpertLinear, TopOneRouter)):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, ExpertLinear):
             init.zeros_(module.bias)
 
 
 class PNetSwinEncoder(PNetSwinPreTrainedModel, SwinEncoder):
-    """Swin's encoder with the MLPs of `config.moe_blocks` routed."""
+    """Swin's encoder with the MLPs of `config.moe_blocks` routed; records the router logits."""
 
     def __init__(self, config: PNetSwinConfig, grid_size: tuple[int, int]):
-        super().__init__(config, grid_size)
-        blocks = [block for stage in self.layers for block in stage.blocks]
-        for index in config.moe_blocks:
-            blocks[index].mlp = PNetSwinMoEMLP(config, blocks[index].mlp.fc1.in_features)
+        with replacing_dense_modules(self):  # the dense MLPs of the routed blocks
+            super().__init__(config, grid_size)
+            blocks = [block for stage in self.layers for block in stage.blocks]
+            for index in config.moe_blocks:
+                blocks[index].mlp = PNetSwinMoEMLP(config, blocks[index].mlp.fc1.in_features)
         self.post_init()
+
+    def forward(self, *args, **kwargs):
+        collected = _ROUTER_LOGITS.get()
+        if collected is None:
+            return super().forward(*args, **kwargs)
+        outputs = super().forward(*args, **{**kwargs, "output_router_logits": True})
+        collected.extend(outputs["router_logits"])
+        return outputs
 
 
 class PNetSwinModel(PNetSwinPreTrainedModel, SwinModel):
-    """`SwinModel` with a `PNetSwinEncoder` (swapped in after Swin's own constructor)."""
+    """`SwinModel` with a `PNetSwinEncoder`; its output adds `router_logits`."""
 
     def __init__(self, config: PNetSwinConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
-        super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        self.encoder = PNetSwinEncoder(config, self.embeddings.patch_grid)
+        with replacing_dense_modules(self):  # SwinModel's dense encoder
+            super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+            self.encoder = PNetSwinEncoder(config, self.embeddings.patch_grid)
         self.post_init()
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs) -> PNetSwinModelOutput:
+        """`SwinModel.forward` (same arguments)."""
+        with _collecting_router_logits() as router_logits:
+            outputs = super().forward(pixel_values, return_dict=True, **kwargs)
+        return PNetSwinModelOutput(**outputs, router_logits=tuple(router_logits))
 
 
 class PNetSwinForImageClassification(PNetSwinPreTrainedModel, SwinForImageClassification):
@@ -141,45 +150,24 @@ class PNetSwinForImageClassification(PNetSwinPreTrainedModel, SwinForImageClassi
     load-balancing loss, and the output carries `aux_loss` and `router_logits`."""
 
     def __init__(self, config: PNetSwinConfig):
-        super().__init__(config)
-        self.swin = PNetSwinModel(config)
+        with replacing_dense_modules(self):  # SwinForImageClassification's dense SwinModel
+            super().__init__(config)
+            self.swin = PNetSwinModel(config)
         self.post_init()
-
-    def routed_mlps(self) -> list[PNetSwinMoEMLP]:
-        return [module for module in self.modules() if isinstance(module, PNetSwinMoEMLP)]
 
     @can_return_tuple
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        **kwargs,
+        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
     ) -> PNetSwinImageClassifierOutput:
-        router_logits: list[torch.Tensor] = []
-        hooks = [
-            mlp.router.register_forward_hook(lambda module, args, output: router_logits.append(output.float()))
-            for mlp in self.routed_mlps()
-        ]
-        try:
-            outputs = super().forward(
-                pixel_values, labels=labels, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
+        """`SwinForImageClassification.forward` (same arguments)."""
+        with _collecting_router_logits() as router_logits:
+            outputs = super().forward(pixel_values, labels=labels, return_dict=True, **kwargs)
         aux_loss = load_balancing_loss(router_logits) if router_logits else None
         loss = outputs.loss
         if loss is not None and aux_loss is not None:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
         return PNetSwinImageClassifierOutput(
-            loss=loss,
-            logits=outputs.logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            reshaped_hidden_states=outputs.reshaped_hidden_states,
-            aux_loss=aux_loss,
-            router_logits=tuple(router_logits) if router_logits else None,
+            **{**outputs, "loss": loss}, aux_loss=aux_loss, router_logits=tuple(router_logits) or None
         )
 
 
@@ -187,11 +175,10 @@ PNetSwinModel.register_for_auto_class("AutoModel")
 PNetSwinForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
-    "PNetSwinExpertLinear",
     "PNetSwinForImageClassification",
     "PNetSwinImageClassifierOutput",
     "PNetSwinMoEMLP",
     "PNetSwinModel",
+    "PNetSwinModelOutput",
     "PNetSwinPreTrainedModel",
-    "load_balancing_loss",
 ]

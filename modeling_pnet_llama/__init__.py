@@ -20,7 +20,6 @@ from .modeling_pnet_llama import (
     PNetLlamaForSequenceClassification,
     PNetLlamaModel,
     PNetLlamaPreTrainedModel,
-    PNetModelOutputWithPast,
     PNetSequenceClassifierOutputWithPast,
 )
 
@@ -36,6 +35,5 @@ __all__ = [
     "PNetLlamaForSequenceClassification",
     "PNetLlamaModel",
     "PNetLlamaPreTrainedModel",
-    "PNetModelOutputWithPast",
     "PNetSequenceClassifierOutputWithPast",
 ]

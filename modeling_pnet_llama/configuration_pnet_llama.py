@@ -8,13 +8,8 @@ token, so the active compute equals the dense projection's.
 import functools
 import math
 
-from transformers.utils.versions import require_version
-
-
-# The transformers releases this code is tested on (CI runs the oldest and the newest); pyproject.toml declares the
-# same range. Checked before anything else is imported: outside it, importing raises rather than computing.
-TRANSFORMERS_REQUIREMENT = "transformers>=5.19,<6"
-require_version(TRANSFORMERS_REQUIREMENT, "PNet-LLaMA's model code supports only this range: install a release in it.")
+# Checked before anything else is imported: outside the supported range, importing raises rather than computing.
+from .transformers_version import TRANSFORMERS_REQUIREMENT
 
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from huggingface_hub.errors import StrictDataclassError  # noqa: E402

@@ -8,23 +8,21 @@ the dense projection's while the parameter count grows about `num_experts`-fold 
 Everything else is transformers' LLaMA, inherited rather than copied: the decoder layer, the model (embeddings,
 cache, positions, masks, the layer loop) and the heads' plumbing come from `LlamaDecoderLayer`, `LlamaModel`,
 `LlamaForCausalLM` and `LlamaForSequenceClassification` of the transformers release that runs this file. This file
-defines only what ParameterNet changes: the MLP (routers, `ExpertLinear`), the router losses and the output types.
+defines only what ParameterNet changes: the MLP (its routed projections come from `routed_linear.py`, shared with
+PNet-Swin and the vLLM model), the loss with the router losses, and the output types.
 """
 
-import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import (
     ModelOutput,
     MoeCausalLMOutputWithPast,
-    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 from transformers.models.llama.modeling_llama import (
@@ -33,324 +31,23 @@ from transformers.models.llama.modeling_llama import (
     LlamaForSequenceClassification,
     LlamaModel,
     LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, maybe_install_capturing_hooks
 
 from .configuration_pnet_llama import PNetLlamaConfig
+from .routed_linear import (
+    ExpertLinear,
+    RouterOutput,
+    TopOneRouter,
+    load_balancing_loss,
+    replacing_dense_modules,
+    router_z_loss,
+)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Routing
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class RouterOutput(NamedTuple):
-    """What a `TopOneRouter` returns for `T` tokens."""
-
-    router_logits: torch.Tensor  # (T, num_experts), float32
-    expert_index: torch.Tensor  # (T,), int64: the argmax expert of each token
-    expert_scale: torch.Tensor  # (T,): multiplies the chosen expert's output (top-1 probability, or p / stop_grad(p))
-
-
-class TopOneRouter(nn.Module):
-    """Switch-Transformer top-1 router: `logits = x W^T` (no bias), softmax in float32, argmax.
-
-    The router runs in float32 whatever the model dtype (Switch's "selective precision"): with bf16 logits the
-    softmax and the argmax are noticeably noisier. Jitter (Switch) multiplies the router input by U(1 - eps, 1 + eps)
-    in training only; the experts still see the clean input.
-    """
-
-    def __init__(self, in_features: int, num_experts: int, jitter_noise: float, expert_output_scaling: str):
-        super().__init__()
-        self.in_features = in_features
-        self.num_experts = num_experts
-        self.jitter_noise = jitter_noise
-        self.expert_output_scaling = expert_output_scaling
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
-
-    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
-        # (Conversions only where needed: in decoding every op of the router is a measurable share of a token.)
-        if hidden_states.dim() != 2:
-            hidden_states = hidden_states.reshape(-1, self.in_features)
-        if hidden_states.dtype != torch.float32:
-            hidden_states = hidden_states.float()
-        if self.training and self.jitter_noise > 0:
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
-        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        if torch.is_autocast_enabled(hidden_states.device.type):  # autocast would run the matmul in bf16/fp16
-            with torch.autocast(hidden_states.device.type, enabled=False):
-                router_logits = F.linear(hidden_states, weight)
-        else:
-            router_logits = F.linear(hidden_states, weight)
-        router_probs = torch.softmax(router_logits, dim=-1)
-        top_prob, expert_index = router_probs.max(dim=-1)
-        if self.expert_output_scaling == "straight_through":
-            # Value exactly 1.0; gradient d(p)/p reaches the router (see PNetLlamaConfig.expert_output_scaling).
-            expert_scale = top_prob / top_prob.detach()
-        else:
-            expert_scale = top_prob
-        return RouterOutput(router_logits, expert_index, expert_scale)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_experts={self.num_experts}, jitter_noise={self.jitter_noise}"
-
-
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """Switch capacity: the most tokens one expert processes in a forward, ceil(tokens / experts * factor)."""
-    return math.ceil(num_tokens / num_experts * capacity_factor)
-
-
-def use_grouped_mm(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands. The rules transformers applies to its own experts
-    (`transformers.integrations.moe._can_use_grouped_mm`): under `torch.compile` / `torch.export` only bfloat16 (the
-    fake-tensor rule rejects other dtypes); on CUDA bfloat16 on compute capability >= 8.0; on CPU float32, bfloat16
-    and float16. Ours on top: one dtype for both operands, and rows of a multiple of 16 bytes (the CPU backward
-    kernels reject other strides)."""
-    dtype = hidden_states.dtype
-    if not hasattr(F, "grouped_mm") or weight.dtype != dtype:
-        return False
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return False
-    if weight.device.type == "cuda":
-        supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    elif weight.device.type == "cpu":
-        supported = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    else:
-        return False
-    row_bytes = hidden_states.element_size()
-    return supported and (weight.shape[-1] * row_bytes) % 16 == 0 and (weight.shape[-2] * row_bytes) % 16 == 0
-
-
-def _per_expert_mm(sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor) -> torch.Tensor:
-    """`F.grouped_mm`'s result computed expert by expert: rows `[end_offsets[e-1], end_offsets[e])` times
-    `weight[e].T`. weight: (num_experts, out_features, in_features)."""
-    output = sorted_states.new_empty(sorted_states.shape[0], weight.shape[1])
-    start = 0
-    for expert, end in enumerate(end_offsets.tolist()):  # one host sync for all experts
-        torch.mm(sorted_states[start:end], weight[expert].T, out=output[start:end])
-        start = end
-    return output
-
-
-def _per_expert_mm_backward(
-    sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor, grad_output: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_states = torch.empty_like(sorted_states)
-    grad_weight = torch.zeros_like(weight)  # experts without tokens get zero gradient
-    start = 0
-    for expert, end in enumerate(end_offsets.tolist()):
-        torch.mm(grad_output[start:end], weight[expert], out=grad_states[start:end])
-        torch.mm(grad_output[start:end].T, sorted_states[start:end], out=grad_weight[expert])
-        start = end
-    return grad_states, grad_weight
-
-
-# The fallback is a custom operator so that `torch.compile(fullgraph=True)` and `torch.export` treat its data-dependent
-# loop as one opaque node (transformers registers its own experts fallback the same way). A folder's copy of this file
-# loaded with trust_remote_code may run beside the installed package: register once per process.
-if not hasattr(torch.ops.pnet, "per_expert_mm"):
-    torch.library.custom_op("pnet::per_expert_mm", _per_expert_mm, mutates_args=())
-    torch.library.custom_op("pnet::per_expert_mm_backward", _per_expert_mm_backward, mutates_args=())
-
-    @torch.library.register_fake("pnet::per_expert_mm")
-    def _(sorted_states, weight, end_offsets):
-        return sorted_states.new_empty(sorted_states.shape[0], weight.shape[1])
-
-    @torch.library.register_fake("pnet::per_expert_mm_backward")
-    def _(sorted_states, weight, end_offsets, grad_output):
-        return torch.empty_like(sorted_states), torch.empty_like(weight)
-
-    def _setup_context(ctx, inputs, output):
-        sorted_states, weight, end_offsets = inputs
-        ctx.save_for_backward(sorted_states, weight, end_offsets)
-
-    def _backward(ctx, grad_output):
-        sorted_states, weight, end_offsets = ctx.saved_tensors
-        grad_states, grad_weight = torch.ops.pnet.per_expert_mm_backward(
-            sorted_states, weight, end_offsets, grad_output.contiguous()
-        )
-        return grad_states, grad_weight, None
-
-    torch.library.register_autograd("pnet::per_expert_mm", _backward, setup_context=_setup_context)
-
-
-def grouped_linear(sorted_states: torch.Tensor, weight: torch.Tensor, end_offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `sorted_states` grouped by expert (group e ends at `end_offsets[e]`, int32) times their expert's
-    `weight[e].T`: one `F.grouped_mm` where it takes the operands, else the per-expert custom operator. Both are
-    differentiable and traceable by `torch.compile` / `torch.export`."""
-    if use_grouped_mm(sorted_states, weight):
-        return F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
-    return torch.ops.pnet.per_expert_mm(sorted_states, weight, end_offsets)
-
-
-class _PermutedGroupedLinear(torch.autograd.Function):
-    """`y[t] = W[e_t] x[t]` for tokens `order`-sorted by expert: gather, one grouped matmul, scatter back.
-
-    The eager training path. Autograd's own composition of the same three ops would, in backward, zero-fill and
-    scatter-add the input gradient through `index_select`'s backward and keep both row permutations as separate
-    buffers; `order` is a permutation, so both backward permutations are plain gathers here, and the backward is two
-    grouped matmuls (input and weight gradients) over the already-sorted rows."""
-
-    @staticmethod
-    def forward(ctx, hidden_states, weight, order, inverse_order, end_offsets):
-        sorted_states = hidden_states.index_select(0, order)
-        grouped = use_grouped_mm(sorted_states, weight)
-        if grouped:
-            sorted_out = F.grouped_mm(sorted_states, weight.transpose(-2, -1), offs=end_offsets)
-        else:
-            sorted_out = _per_expert_mm(sorted_states, weight, end_offsets)
-        ctx.grouped = grouped
-        ctx.save_for_backward(sorted_states, weight, order, inverse_order, end_offsets)
-        return sorted_out.index_select(0, inverse_order)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        sorted_states, weight, order, inverse_order, end_offsets = ctx.saved_tensors
-        grad_sorted = grad_output.index_select(0, order)  # contiguous, whatever the upstream strides
-        if not ctx.grouped:
-            grad_states, grad_weight = _per_expert_mm_backward(sorted_states, weight, end_offsets, grad_sorted)
-            return grad_states.index_select(0, inverse_order), grad_weight, None, None, None
-        grad_states = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_states = F.grouped_mm(grad_sorted, weight, offs=end_offsets).index_select(0, inverse_order)
-        if ctx.needs_input_grad[1]:  # (E, out, T_e) x (T_e, in) per expert; experts without tokens get zeros
-            grad_weight = F.grouped_mm(grad_sorted.transpose(0, 1), sorted_states, offs=end_offsets)
-        return grad_states, grad_weight, None, None, None
-
-
-def permuted_grouped_linear(
-    hidden_states: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, end_offsets: torch.Tensor
-) -> torch.Tensor:
-    """`y[t] = weight[e_t] @ hidden_states[t]` where `order` sorts the tokens by expert (stable) and expert e's
-    sorted rows end at `end_offsets[e]` (int32)."""
-    num_tokens = hidden_states.shape[0]
-    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
-    if torch.compiler.is_compiling():  # traceable ops: the autograd.Function above calls grouped_mm directly
-        sorted_out = grouped_linear(hidden_states.index_select(0, order), weight, end_offsets)
-        return sorted_out.index_select(0, inverse_order)
-    return _PermutedGroupedLinear.apply(hidden_states, weight, order, inverse_order, end_offsets)
-
-
-class ExpertLinear(nn.Module):
-    """`num_experts` bias-free linear maps in one `(num_experts, out_features, in_features)` weight; each token goes
-    through the one expert its router chose.
-
-    Training / prefill path (dropless): tokens are sorted by expert (stable, so within an expert they keep their
-    order, which is also the capacity priority) and multiplied in one grouped matmul whose offsets are the
-    cumulative int32 end offsets of each expert's rows; experts that get no tokens have empty groups.
-    Single-token decode path: one linear map with the chosen expert's weight, no sorting.
-    """
-
-    def __init__(self, in_features: int, out_features: int, num_experts: int, capacity_factor: float | None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-
-    def forward(
-        self, hidden_states: torch.Tensor, expert_index: torch.Tensor, expert_scale: torch.Tensor
-    ) -> torch.Tensor:
-        """hidden_states (T, in_features), expert_index (T,), expert_scale (T,) -> (T, out_features)."""
-        num_tokens = hidden_states.shape[0]
-        autocast = torch.is_autocast_enabled(hidden_states.device.type)
-        if autocast:
-            hidden_states = hidden_states.to(torch.get_autocast_dtype(hidden_states.device.type))
-        if expert_scale.dtype != hidden_states.dtype:
-            expert_scale = expert_scale.to(hidden_states.dtype)
-        if self.num_experts == 1 and self.capacity_factor is None:
-            return F.linear(hidden_states, self.weight[0]) * expert_scale[:, None]
-        if num_tokens == 1:  # decode; a capacity of ceil(1 / E * factor) >= 1 never drops the token
-            return self._single_token(hidden_states, expert_index) * expert_scale[:, None]
-        # The grouped matmul is not on autocast's op list (F.linear is): cast the weight as autocast would, or the
-        # bf16 activation meets the fp32 master weight.
-        weight = self.weight.to(hidden_states.dtype) if autocast else self.weight
-
-        order = torch.argsort(expert_index, stable=True)
-        tokens_per_expert = torch.bincount(expert_index, minlength=self.num_experts)
-        end_offsets = torch.cumsum(tokens_per_expert, dim=0)
-        if self.capacity_factor is not None:
-            # Position of each sorted token inside its expert's queue; overflow tokens get a zero output.
-            capacity = expert_capacity(num_tokens, self.num_experts, self.capacity_factor)
-            sorted_expert = expert_index[order]
-            position_in_expert = torch.arange(num_tokens, device=expert_index.device) - (
-                end_offsets - tokens_per_expert
-            )[sorted_expert]
-            kept_sorted = position_in_expert < capacity
-            kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
-            expert_scale = expert_scale * kept.to(expert_scale.dtype)
-
-        # W (s x) = s (W x): scale whichever side of the matmul is narrower.
-        scale_input = self.in_features <= self.out_features
-        if scale_input:
-            hidden_states = hidden_states * expert_scale[:, None]
-        output = permuted_grouped_linear(hidden_states, weight, order, end_offsets.to(torch.int32))
-        return output if scale_input else output * expert_scale[:, None]
-
-    def _single_token(self, hidden_states: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        """One token through its expert, at the cost of one dense projection. On the CPU the expert's weight is a
-        view (reading the index on the host syncs with nothing there). Elsewhere, and in compiled graphs, without a
-        host sync (static caches, CUDA graphs): a grouped matmul whose only non-empty group is that expert, or where
-        grouped_mm does not take the operands (e.g. fp32 master weights under autocast, which F.linear casts), a
-        gather of that one expert."""
-        if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
-            return F.linear(hidden_states, self.weight[expert_index.item()])
-        if use_grouped_mm(hidden_states, self.weight):
-            end_offsets = (torch.arange(self.num_experts, device=expert_index.device) >= expert_index).to(torch.int32)
-            return F.grouped_mm(hidden_states, self.weight.transpose(-2, -1), offs=end_offsets)
-        return F.linear(hidden_states, self.weight.index_select(0, expert_index)[0])
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-            f"capacity_factor={self.capacity_factor}"
-        )
-
-
-def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Switch load-balancing loss, averaged over routers: for each router `N * sum_i f_i * P_i`, with `f_i` the
-    fraction of (non-padding) tokens whose argmax is expert i and `P_i` their mean router probability for i.
-    Equals 1.0 at perfectly uniform routing; only `P` carries gradient.
-
-    router_logits: one (T, N) tensor per router, T = batch * seq_len; attention_mask: (batch, seq_len), 1 = token.
-    """
-    token_weight = None if attention_mask is None else attention_mask.reshape(-1).float()
-    losses = []
-    for logits in router_logits:
-        num_experts = logits.shape[-1]
-        probs = torch.softmax(logits.float(), dim=-1)
-        chosen = F.one_hot(probs.argmax(dim=-1), num_experts).float()
-        if token_weight is None:
-            fraction, mean_prob = chosen.mean(dim=0), probs.mean(dim=0)
-        else:
-            weight = token_weight.to(probs.device)[:, None]
-            total = weight.sum().clamp_min(1.0)
-            fraction, mean_prob = (chosen * weight).sum(dim=0) / total, (probs * weight).sum(dim=0) / total
-        losses.append(num_experts * torch.sum(fraction * mean_prob))
-    return torch.stack(losses).mean()
-
-
-def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss averaged over routers: mean over (non-padding) tokens of logsumexp(logits)^2."""
-    token_weight = None if attention_mask is None else attention_mask.reshape(-1).float()
-    losses = []
-    for logits in router_logits:
-        squared = torch.logsumexp(logits.float(), dim=-1) ** 2
-        if token_weight is None:
-            losses.append(squared.mean())
-        else:
-            weight = token_weight.to(squared.device)
-            losses.append((squared * weight).sum() / weight.sum().clamp_min(1.0))
-    return torch.stack(losses).mean()
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,19 +117,14 @@ class PNetLlamaDecoderLayer(LlamaDecoderLayer):
     """LLaMA's decoder layer (attention, norms, forward: inherited) whose MLP is a `PNetLlamaMLP`."""
 
     def __init__(self, config: PNetLlamaConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.mlp = PNetLlamaMLP(config)
+        with replacing_dense_modules(self):  # LlamaDecoderLayer's dense LlamaMLP
+            super().__init__(config, layer_idx)
+            self.mlp = PNetLlamaMLP(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PNetModelOutputWithPast(MoeModelOutputWithPast):
-    """Output of `PNetLlamaModel`. `router_logits` (when requested): one float32 `(batch * seq_len, num_experts)`
-    tensor per router, layer by layer and within a layer gate, up, down (see `PNetLlamaModel.router_names`)."""
 
 
 @dataclass
@@ -538,13 +230,13 @@ class PNetLlamaPreTrainedModel(LlamaPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled (load-balancing loss, z-loss) over the non-padding tokens, averaged over routers."""
         if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:
-            if any(module.weight.requires_grad for module in self.modules() if isinstance(module, TopOneRouter)):
-                raise ValueError(
-                    "the router logits were recorded without gradient, so the router losses would not train the "
-                    "routers: reentrant gradient checkpointing (use_reentrant=True) runs each layer's first forward "
-                    "without autograd and records its outputs detached. Use non-reentrant checkpointing, "
-                    "transformers' default: gradient_checkpointing_kwargs={'use_reentrant': False}."
-                )
+            # Reentrant checkpointing runs each layer's first forward without autograd: the routers still train
+            # through the task loss (the expert output is scaled by the router probability), as Mixtral's do.
+            logger.warning_once(
+                "router logits were recorded without gradient (reentrant gradient checkpointing): the load-balancing "
+                "and z-losses are reported but do not train the routers. Non-reentrant checkpointing "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) trains them."
+            )
         token_mask = _token_mask(attention_mask, seq_len)
         return load_balancing_loss(router_logits, token_mask), router_z_loss(router_logits, token_mask)
 
@@ -566,44 +258,29 @@ def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tens
 
 class PNetLlamaModel(PNetLlamaPreTrainedModel, LlamaModel):
     """LLaMA's decoder stack (embeddings, cache, positions, masks, layer loop, final norm: `LlamaModel.forward`)
-    built from `PNetLlamaDecoderLayer`s."""
+    built from `PNetLlamaDecoderLayer`s; `output_router_logits=True` also returns the router logits."""
 
     def __init__(self, config: PNetLlamaConfig):
-        # The modules of LlamaModel.__init__, with PNet decoder layers (calling it would first build and initialise
-        # a dense decoder stack only to replace it: seconds and gigabytes at 1B scale).
-        super(LlamaModel, self).__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [PNetLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
+        with replacing_dense_modules(self):  # LlamaModel's dense decoder layers
+            super().__init__(config)
+            self.layers = nn.ModuleList(PNetLlamaDecoderLayer(config, index) for index in range(config.num_hidden_layers))
         self.post_init()
         # Every training step records the router logits (they feed the loss): install the recording hooks now, not
         # lazily inside the first forward, where the installation lock breaks `torch.compile(fullgraph=True)`.
         maybe_install_capturing_hooks(self)
-
-    def forward(self, *args, **kwargs) -> PNetModelOutputWithPast:
-        """`LlamaModel.forward` (same arguments); `output_router_logits=True` also returns the router logits."""
-        outputs = super().forward(*args, **kwargs)
-        return _as_output(PNetModelOutputWithPast, outputs) if isinstance(outputs, ModelOutput) else outputs
 
     def router_names(self) -> list[str]:
         """One name per entry of `router_logits`, e.g. `layers.3.mlp.down` (`layers.3.mlp.shared` when shared)."""
         return [f"layers.{i}.mlp.{name}" for i, layer in enumerate(self.layers) for name in layer.mlp.router_names()]
 
 
-class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM):
+class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     """`PNetLlamaModel` with LLaMA's LM head; training loss = LM loss + weighted router losses; `from_llama` upcycles."""
 
     def __init__(self, config: PNetLlamaConfig):
-        super(LlamaForCausalLM, self).__init__(config)  # LlamaForCausalLM.__init__ would build a dense LlamaModel
-        self.model = PNetLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        with replacing_dense_modules(self):  # LlamaForCausalLM's dense LlamaModel
+            super().__init__(config)
+            self.model = PNetLlamaModel(config)
         self.post_init()
 
     @can_return_tuple
@@ -633,7 +310,7 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
-        outputs: PNetModelOutputWithPast = self.model(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -758,7 +435,7 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
-        outputs: PNetModelOutputWithPast = self.model(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -818,12 +495,8 @@ __all__ = [
     "PNetLlamaMLP",
     "PNetLlamaModel",
     "PNetLlamaPreTrainedModel",
-    "PNetModelOutputWithPast",
     "PNetSequenceClassifierOutputWithPast",
     "TopOneRouter",
-    "expert_capacity",
-    "grouped_linear",
     "load_balancing_loss",
     "router_z_loss",
-    "use_grouped_mm",
 ]

@@ -37,7 +37,7 @@ from modeling_parameternet import (
     PNetSwinForImageClassification,
 )
 from modeling_parameternet.modeling_parameternet import ParameterNetSqueezeExcite
-from modeling_parameternet.modeling_pnet_swin import PNetSwinExpertLinear, PNetSwinMoEMLP
+from modeling_parameternet.routed_linear import ExpertLinear, TopOneRouter
 from pnet.count_report import VISION_MODEL_TYPES, CountReport
 
 FLOPS_CONVENTION = (
@@ -159,13 +159,13 @@ def count_swin_flops(model: SwinForImageClassification, image_size: int) -> dict
     """Forward FLOPs of a (PNet-)Swin at batch 1 by part, in `SWIN_FLOPS_CONVENTION`."""
     parts = {"linear": 0, "conv": 0, "attention_matmuls": 0, "layer_norm": 0, "gelu": 0, "moe_experts": 0,
              "moe_routing": 0}
-    routers = {m.router for m in model.modules() if isinstance(m, PNetSwinMoEMLP)}
 
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         if isinstance(module, nn.Linear):
-            key = "moe_routing" if module in routers else "linear"
-            parts[key] += output.numel() // output.shape[-1] * module.in_features * module.out_features
-        elif isinstance(module, PNetSwinExpertLinear):  # one expert per token
+            parts["linear"] += output.numel() // output.shape[-1] * module.in_features * module.out_features
+        elif isinstance(module, TopOneRouter):  # output: (router_logits (tokens, experts), ...)
+            parts["moe_routing"] += output.router_logits.numel() * module.in_features
+        elif isinstance(module, ExpertLinear):  # one expert per token
             parts["moe_experts"] += output.numel() * module.in_features
         elif isinstance(module, nn.Conv2d):
             parts["conv"] += _conv_macs(module, output)
@@ -177,7 +177,7 @@ def count_swin_flops(model: SwinForImageClassification, image_size: int) -> dict
         elif isinstance(module, GELUActivation):
             parts["gelu"] += output.numel()
 
-    kinds = (nn.Linear, PNetSwinExpertLinear, nn.Conv2d, SwinAttention, nn.LayerNorm, GELUActivation)
+    kinds = (nn.Linear, TopOneRouter, ExpertLinear, nn.Conv2d, SwinAttention, nn.LayerNorm, GELUActivation)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
@@ -194,7 +194,7 @@ def count_swin(config_dict: dict, name: str = "swin", image_size: int | None = N
     config = model.config
     image_size = image_size or (config.image_size if isinstance(config.image_size, int) else config.image_size[0])
     total = sum(p.numel() for p in model.parameters())
-    experts = [m for m in model.modules() if isinstance(m, PNetSwinExpertLinear)]
+    experts = [m for m in model.modules() if isinstance(m, ExpertLinear)]
     inactive = sum((m.num_experts - 1) * (m.weight[0].numel() + m.bias[0].numel()) for m in experts)
     parts = count_swin_flops(model, image_size)
     flops = sum(parts.values())

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import modeling_pnet_llama.modeling_pnet_llama as pnet_modeling
+import modeling_pnet_llama.routed_linear as routed_linear
 from modeling_pnet_llama import (
     PNetLlamaConfig,
     PNetLlamaForCausalLM,
@@ -87,9 +87,9 @@ def test_expert_linear_matches_reference_values_and_gradients(monkeypatch, out_f
     expert_index = torch.tensor([4, 0, 2, 0, 4, 4, 2, 0, 0, 2, 4])  # experts 1 and 3 get no tokens
     hidden = torch.randn(len(expert_index), 12, requires_grad=True)
     # out_features 7 (28-byte rows) is rejected by grouped_mm's kernels and takes the per-expert fallback.
-    assert pnet_modeling.use_grouped_mm(hidden, experts.weight) == (out_features == 8)
+    assert routed_linear.grouped_mm_takes(hidden, experts.weight) == (out_features == 8)
     if not use_grouped_mm:
-        monkeypatch.setattr(pnet_modeling, "use_grouped_mm", lambda *args: False)
+        monkeypatch.setattr(routed_linear, "grouped_mm_takes", lambda *args: False)
     scale = torch.rand(len(expert_index), requires_grad=True)
     output = experts(hidden, expert_index, scale)
     upstream = torch.randn_like(output)  # a real upstream gradient: grouped_mm rejects stride-0 ones
@@ -115,20 +115,20 @@ def test_bf16_autocast_training_step_uses_grouped_mm_and_matches_fallback(monkey
     config = tiny_config(num_experts=4, moe_projections=[projection], expert_output_scaling="straight_through")
     input_ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     calls = []  # operand dtypes of every grouped_mm call
-    grouped_mm = pnet_modeling.F.grouped_mm
+    grouped_mm = routed_linear.F.grouped_mm
 
     def recording_grouped_mm(mat_a, mat_b, **kwargs):
         calls.append((mat_a.dtype, mat_b.dtype))
         return grouped_mm(mat_a, mat_b, **kwargs)
 
-    monkeypatch.setattr(pnet_modeling.F, "grouped_mm", recording_grouped_mm)
+    monkeypatch.setattr(routed_linear.F, "grouped_mm", recording_grouped_mm)
 
     def loss_and_grads(use_grouped_mm: bool):
         torch.manual_seed(0)
         model = PNetLlamaForCausalLM(config)
         with monkeypatch.context() as patch:
             if not use_grouped_mm:
-                patch.setattr(pnet_modeling, "use_grouped_mm", lambda *args: False)
+                patch.setattr(routed_linear, "grouped_mm_takes", lambda *args: False)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 output = model(input_ids, labels=input_ids)
             output.loss.backward()
@@ -409,3 +409,29 @@ def test_sequence_classification_forward_loss_and_save_load(tmp_path):
     PNetLlamaForCausalLM(tiny_config(num_experts=2)).save_pretrained(tmp_path / "lm")
     classifier = PNetLlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pad_token_id=0)
     assert classifier(input_ids, attention_mask=attention_mask).logits.shape == (2, 3)
+
+
+def test_no_dense_decoder_or_mlp_is_allocated(monkeypatch):
+    """LLaMA's constructors build dense decoder layers and MLPs that PNet-LLaMA replaces: on the meta device (no
+    memory, no initialisation), so the only real LlamaMLP-free layers are PNet's; the weights are initialised as
+    transformers initialises a new LLaMA."""
+    from transformers.models.llama import modeling_llama
+
+    real_builds = []
+    for cls in (modeling_llama.LlamaMLP, modeling_llama.LlamaDecoderLayer):
+        original = cls.__init__
+
+        def recording_init(self, *args, original=original, **kwargs):
+            if torch.get_default_device().type != "meta":
+                real_builds.append(type(self).__name__)
+            original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    model = PNetLlamaForCausalLM(tiny_config(num_experts=2, moe_projections=["up"]))
+    assert real_builds == []  # PNetLlamaDecoderLayer builds its parent on meta too
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    layer = model.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(TINY["hidden_size"]))
+    assert 0.015 < layer.self_attn.q_proj.weight.std() < 0.025  # normal(0, initializer_range = 0.02)
+    fresh = LlamaForCausalLM(LlamaConfig(**TINY))
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)

@@ -16,7 +16,7 @@ from modeling_parameternet import (
     PNetSwinForImageClassification,
     PNetSwinMoEMLP,
 )
-from modeling_parameternet.modeling_pnet_swin import load_balancing_loss
+from modeling_parameternet.routed_linear import load_balancing_loss
 from pnet.counting import count_config, main as pnet_count_main
 
 TINY = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5)
@@ -99,7 +99,7 @@ def test_routed_mlp_matches_per_token_reference():
     grads = torch.autograd.grad((y * upstream).sum(), params)
 
     hidden = mlp.activation_fn(mlp.fc1(x)).reshape(-1, 48)
-    probs = mlp.router(hidden).softmax(-1)
+    probs = F.linear(hidden, mlp.router.weight).softmax(-1)
     reference = torch.stack([
         probs[t].max() * F.linear(hidden[t], mlp.fc2.weight[probs[t].argmax()], mlp.fc2.bias[probs[t].argmax()])
         for t in range(hidden.shape[0])
@@ -119,11 +119,27 @@ def test_loss_adds_load_balancing():
     assert out.router_logits[0].shape == (2 * 64, 10)
     torch.testing.assert_close(out.aux_loss, load_balancing_loss(list(out.router_logits)))
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels) + 0.5 * out.aux_loss)
-    # 1.0 at perfectly uniform routing; the loss trains the routers.
-    assert load_balancing_loss([torch.zeros(8, 4)]).item() == pytest.approx(1.0)
+    assert out.aux_loss > 1.0  # the model's routing is not uniform
     out.loss.backward()
     assert model.swin.encoder.layers[1].blocks[0].mlp.router.weight.grad.abs().sum() > 0
     assert not out.to_tuple()[0].isnan()
+
+
+def test_load_balancing_loss_non_uniform_routing_by_hand():
+    """N * sum_i f_i * P_i on routing that is not uniform, so a wrong fraction term shows: argmax fractions
+    f = (3/4, 1/4), mean probabilities P = (0.5875, 0.4125): 2 * (0.75 * 0.5875 + 0.25 * 0.4125) = 1.0875 (with f
+    uniform it would be 1.0, with f = P 1.0306). 1.0 at perfectly uniform routing."""
+    probs = torch.tensor([[0.75, 0.25], [0.75, 0.25], [0.25, 0.75], [0.6, 0.4]])
+    assert load_balancing_loss([probs.log()]).item() == pytest.approx(1.0875)
+    assert load_balancing_loss([probs.log(), torch.zeros(5, 2)]).item() == pytest.approx((1.0875 + 1.0) / 2)
+    assert load_balancing_loss([torch.zeros(8, 4)]).item() == pytest.approx(1.0)
+    # The router gets the gradient of P only: d/dlogits of N * sum_i f_i * mean_t softmax_i.
+    logits = probs.log().requires_grad_()
+    load_balancing_loss([logits]).backward()
+    softmax = probs.log().requires_grad_()
+    reference = 2 * (torch.tensor([0.75, 0.25]) * softmax.softmax(-1).mean(0)).sum()
+    reference.backward()
+    torch.testing.assert_close(logits.grad, softmax.grad)
 
 
 def test_bad_config_raises_clear_errors():
@@ -138,7 +154,7 @@ def test_bad_config_raises_clear_errors():
     assert PNetSwinConfig(**TINY).moe_blocks == [1, 2, 3]
 
 
-def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path):
+def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path, repo_root):
     labels = ["a", "b", "c", "d", "e"]
     model = tiny_pnet_swin(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     processor = ParameterNetImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
@@ -147,8 +163,39 @@ def test_save_fresh_process_load_same_logits_and_pipeline(tmp_path):
     processor.save_pretrained(save_dir)
     assert {"model.safetensors", "configuration_pnet_swin.py", "modeling_pnet_swin.py",
             "image_processing_parameternet.py"} <= set(os.listdir(save_dir))
+    # The shared files, links in the repository, are written as real files with their content.
+    for shared in ("routed_linear.py", "transformers_version.py"):
+        assert not (save_dir / shared).is_symlink()
+        assert (save_dir / shared).read_text() == (repo_root / "modeling_pnet_llama" / shared).read_text()
     config = json.loads((save_dir / "config.json").read_text())
     assert config["model_type"] == "pnet_swin" and config["auto_map"]["AutoModelForImageClassification"] == (
         "modeling_pnet_swin.PNetSwinForImageClassification")
 
     check_saved_folder(model, save_dir, tmp_path, labels)
+
+
+def test_replaced_dense_modules_are_built_on_meta(monkeypatch):
+    """Swin's constructors build a dense encoder (inside SwinModel) and a dense SwinModel (inside the classifier) that
+    PNet-Swin replaces, and dense MLPs whose fc2 it replaces: all on the meta device (no memory, no initialisation);
+    the model gets its storage once, at the end, and is initialised as transformers initialises a new Swin."""
+    from transformers.models.swin import modeling_swin
+
+    built = {"encoder": [], "mlp": []}
+    for name, cls in (("encoder", modeling_swin.SwinEncoder), ("mlp", modeling_swin.SwinMLP)):
+        original = cls.__init__
+
+        def recording_init(self, *args, original=original, name=name, **kwargs):
+            built[name].append((type(self).__name__, torch.get_default_device().type))
+            original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    model = tiny_pnet_swin()
+    assert built["encoder"] == [("SwinEncoder", "meta"), ("SwinEncoder", "meta"), ("PNetSwinEncoder", "meta")]
+    assert {device for _, device in built["mlp"]} == {"meta"}
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    attention = model.swin.encoder.layers[0].blocks[0].attention
+    fresh = SwinForImageClassification(SwinConfig(**TINY)).swin.encoder.layers[0].blocks[0].attention
+    index, fresh_index = ({k: v for k, v in module.named_buffers() if "relative_position_index" in k}
+                          for module in (attention, fresh))
+    assert index.keys() == fresh_index.keys() and len(index) == 1
+    assert all(torch.equal(index[k], fresh_index[k]) for k in index)  # recomputed after the meta build

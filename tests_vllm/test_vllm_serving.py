@@ -252,20 +252,42 @@ def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_routed_linear_op(dtype):
-    """The custom op equals a per-token loop, with empty experts, on the grouped_mm path (fp32/bf16) and the masked
-    fallback (fp64, which grouped_mm lacks); its fake implementation gives the shape for torch.compile."""
-    from pnet import vllm_pnet_llama
+def test_routed_matmul_under_vllms_compilation(dtype):
+    """The routed matmul the vLLM model shares with the HF model equals a per-token loop, with empty experts, on the
+    grouped_mm path (fp32/bf16 eager), transformers' per-expert fallback (fp64) and the every-expert path (fp32/fp64
+    compiled), traces with a dynamic token dimension, and runs as the vLLM custom op."""
+    from modeling_pnet_llama.routed_linear import grouped_mm_takes, routed_matmul
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 64, generator=generator, dtype=torch.float64).to(dtype)
     weight = torch.randn(6, 96, 64, generator=generator, dtype=torch.float64).to(dtype)
     expert_index = torch.randint(0, 4, (37,), generator=generator)  # experts 4 and 5 get no token
     expected = torch.stack([weight[e].double() @ hidden[t].double() for t, e in enumerate(expert_index.tolist())])
-    assert vllm_pnet_llama.use_grouped_mm(hidden, weight) == (dtype != torch.float64)
-    got = torch.ops.vllm.pnet_routed_linear(hidden, weight, expert_index)
+    assert grouped_mm_takes(hidden, weight) == (dtype != torch.float64)
+    got = routed_matmul(hidden, weight, expert_index)
     assert got.dtype == dtype and got.shape == (37, 96)
     tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.double(), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
-    compiled = torch.compile(torch.ops.vllm.pnet_routed_linear, fullgraph=True, dynamic=True, backend="eager")
+    compiled = torch.compile(routed_matmul, fullgraph=True, dynamic=True, backend="eager")
     torch.testing.assert_close(compiled(hidden, weight, expert_index), got)
+    from pnet import vllm_pnet_llama  # noqa: F401  (registers the op)
+
+    torch.testing.assert_close(torch.ops.vllm.pnet_routed_matmul(hidden, weight, expert_index), got)
+
+
+# --------------------------------------------------------------------------------------------- the plugin
+
+
+def test_plugin_register_adds_the_architectures_to_vllms_registry():
+    """`register()` (vLLM's `general_plugins` entry point) makes both PNet architectures known to vLLM's real
+    registry, resolving to pnet's native classes, and is idempotent."""
+    from vllm import ModelRegistry
+
+    from pnet import vllm_plugin
+
+    vllm_plugin.register()
+    vllm_plugin.register()
+    assert set(vllm_plugin.VLLM_MODEL_CLASSES) <= set(ModelRegistry.get_supported_archs())
+    for architecture, target in vllm_plugin.VLLM_MODEL_CLASSES.items():
+        registered = ModelRegistry.models[architecture]  # lazy: vLLM imports the module when it loads such a model
+        assert f"{registered.module_name}:{registered.class_name}" == target

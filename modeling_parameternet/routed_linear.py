@@ -1,0 +1,1 @@
+../modeling_pnet_llama/routed_linear.py
