@@ -50,8 +50,11 @@ def check_arguments(num_experts: int, projections: list[str], expert_output_scal
 
 
 def looks_like_local_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper paths) can only be a folder."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    """A Hub id is ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper paths) can only be a folder,
+    and so is ``a/b`` when folder ``a`` exists here (``models/smollm2`` rather than a Hub owner ``models``)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
 
 
 def check_paths(llama: str, out_dir: Path, overwrite: bool) -> None:
@@ -161,7 +164,10 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
     from pnet.checkpoint import publish_dir
     from pnet.model_loading import prepare_tokenizer_for_model
 
+    import torch
+
     dense = AutoModelForCausalLM.from_pretrained(llama).eval()
+    torch.manual_seed(seed)  # the fresh routers: the same command writes the same folder
     model = PNetLlamaForCausalLM.from_llama(dense, num_experts=num_experts, moe_projections=projections,
                                             expert_output_scaling=expert_output_scaling,
                                             shared_router=shared_router).eval()
@@ -179,10 +185,10 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
         "expert_output_scaling": expert_output_scaling,
         "max_logit_difference_before_perturbation": difference,
         "perturb_fraction": perturb_fraction,
+        "seed": seed,
     }
     if perturb_fraction > 0:
         record["perturbed_values"] = perturb_experts(model, perturb_fraction, seed)
-        record["perturb_seed"] = seed
         record["max_logit_difference"] = difference = max_logit_difference(dense, model, dense_config.vocab_size)
     tokenizer = prepare_tokenizer_for_model(AutoTokenizer.from_pretrained(llama), model.config)
 
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--perturb-fraction", type=float, default=0.0, metavar="R",
                         help="Drop-Upcycling: re-initialise this fraction of each expert's intermediate dimensions "
                              "(0 <= R <= 1; default: 0, exact copies)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --perturb-fraction (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation and of --perturb-fraction (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
     try:
