@@ -14,7 +14,6 @@ is read.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -40,14 +39,6 @@ def gguf_metadata(gguf_file: Path) -> dict[str, str]:
         raise GGUFImportError(f"{gguf_file}: not a readable GGUF file ({type(error).__name__}: {error})") from None
     return {name: field.contents() for name, field in reader.fields.items()
             if field.types == [GGUFValueType.STRING]}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def card_text(gguf_file: Path, metadata: dict[str, str], sha256: str, parameters: int) -> str:
@@ -82,7 +73,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
 
     from pnet.checkpoint import publish_dir
     from pnet.model_loading import prepare_tokenizer_for_model
-    from pnet.upcycle import max_logit_difference
+    from pnet.upcycle import file_sha256, max_logit_difference
 
     folder, name = str(gguf_file.parent), gguf_file.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
@@ -110,7 +101,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     parameters = sum(p.numel() for p in plain.parameters())
-    (tmp / "README.md").write_text(card_text(gguf_file, metadata, sha256_of(gguf_file), parameters))
+    (tmp / "README.md").write_text(card_text(gguf_file, metadata, file_sha256(gguf_file), parameters))
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     difference = max_logit_difference(loaded, reloaded, config.vocab_size)

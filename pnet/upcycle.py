@@ -132,16 +132,9 @@ def local_name(llama: str) -> str:
     return path.resolve().name if path.is_dir() else llama
 
 
-def weights_sha256(folder: Path) -> str | None:
-    """sha256 of a local folder's single model.safetensors (provenance for the card), else None."""
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list[str],
@@ -175,9 +168,10 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
     if expert_output_scaling == "straight_through" and difference > FUNCTION_PRESERVED_ATOL:
         raise RuntimeError(f"the upcycled model does not compute the dense function: max |logit difference| "
                            f"{difference:.3g} > {FUNCTION_PRESERVED_ATOL}")
+    dense_weights = Path(llama).expanduser() / "model.safetensors"  # provenance (a Hub id or sharded weights: none)
     record = {
         "dense_model": local_name(llama),
-        "dense_weights_sha256": weights_sha256(Path(llama).expanduser()),
+        "dense_weights_sha256": file_sha256(dense_weights) if dense_weights.is_file() else None,
         "method": "sparse upcycling: every expert a copy of the dense projection, fresh routers",
         "num_experts": num_experts,
         "moe_projections": list(model.config.moe_projections),
