@@ -87,7 +87,8 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
     config = loaded.config.__class__.from_dict(loaded.config.to_dict())
-    for key in ("quantization_config", "_name_or_path"):  # how it was loaded here, not what the model is
+    # How it was loaded here (GGUF quantisation, the file's `general.name`), not what the model is.
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         if hasattr(config, key):
             delattr(config, key)
     plain = LlamaForCausalLM(config).eval()

@@ -102,7 +102,7 @@ def test_converted_folder_equals_the_gguf_model(tiny_gguf, tmp_path, capsys):
             "README.md"} <= {p.name for p in folder.iterdir()}
     assert not (tmp_path / "hf.tmp").exists()
     config = json.loads((folder / "config.json").read_text())
-    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert not {"quantization_config", "_model_name_or_path"} & set(config) and config["model_type"] == "llama"
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (2, 32, 2)
     card = (folder / "README.md").read_text()
     assert "tiny-llama.F32.gguf" in card and "license: apache-2.0" in card
