@@ -22,6 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pnet.counting import short_number
+from pnet.upcycle import UPCYCLING_FILE
 from pnet_eval.report import ModelResults, load_model_results
 
 TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")
@@ -143,7 +144,8 @@ def text_eval_results(results: ModelResults) -> list[EvalResult]:
     return entries
 
 
-def text_card_body(results: ModelResults, train_config: dict | None, train_config_path: str | None) -> str:
+def text_card_body(results: ModelResults, train_config: dict | None, train_config_path: str | None,
+                   upcycling: dict | None = None) -> str:
     """The card's body; `train_config_path` as the card names it (`card_path`)."""
     config, counts = results.config, results.counts
     routed = config.get("model_type") == "pnet_llama"
@@ -158,6 +160,8 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
         )
     else:
         parts.append(f"A dense **LLaMA** baseline for ParameterNet ([Han et al.]({PAPER}), Table 7).\n")
+    if upcycling:
+        parts.append(upcycling_section(upcycling))
     arch = [
         ["hidden size", config.get("hidden_size")],
         ["intermediate size", config.get("intermediate_size")],
@@ -246,6 +250,35 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
     )
     parts.append("## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
     return "\n".join(parts)
+
+
+def read_upcycling(model_dir: Path) -> dict[str, Any] | None:
+    """The record `pnet-upcycle` writes beside an upcycled model (from what, how), or None."""
+    path = model_dir / UPCYCLING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def upcycling_section(record: dict[str, Any]) -> str:
+    """What the card says about a model made by `pnet-upcycle` rather than trained from scratch."""
+    routed = ", ".join(record["moe_projections"])
+    router = "one shared router per layer" if record.get("shared_router") else "one router per routed projection"
+    text = (
+        f"Upcycled from the dense LLaMA **{record['dense_model']}** by `pnet-upcycle` (sparse upcycling): the "
+        f"{routed} projection(s) of every FFN became {record['num_experts']} experts, each a copy of the dense "
+        f"projection, with {router}, freshly initialised, and expert output scaling "
+        f"`{record['expert_output_scaling']}`. Max |logit difference| to the dense model on a probe batch: "
+        f"{record['max_logit_difference_before_perturbation']:.1e}"
+    )
+    if record.get("perturb_fraction"):
+        text += (
+            f" before perturbation. Then Drop-Upcycling (arXiv 2502.19261): in each expert a random "
+            f"{record['perturb_fraction']:.0%} of the intermediate dimensions was re-initialised from a normal "
+            f"distribution with the dense matrix's mean and standard deviation (seed {record['seed']}); max "
+            f"|logit difference| afterwards: {record['max_logit_difference']:.2f}"
+        )
+    if record.get("dense_weights_sha256"):
+        text += f". Dense weights: `model.safetensors` sha256 `{record['dense_weights_sha256']}`"
+    return "## Upcycling\n\n" + text + ".\n"
 
 
 def _pct(entry: dict[str, Any], metric: str) -> str:
@@ -368,6 +401,10 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
             f"model_type {model_type!r} has no card; allowed: {list(TEXT_MODEL_TYPES + VISION_MODEL_TYPES)}"
         )
     config_dict, config_path = find_train_config(model_dir, train_config)
+    upcycling = read_upcycling(model_dir)
+    dense_hub_id = upcycling and upcycling["dense_model"]
+    if dense_hub_id and (dense_hub_id.count("/") != 1 or Path(dense_hub_id).exists()):
+        dense_hub_id = None  # a local folder: the Hub's base_model field takes Hub ids only
     sources = ((config_dict or {}).get("data") or {}).get("sources") or {}
     hub_datasets = [
         s["path"] for s in sources.values() if s.get("path") and s["path"] not in ("json", "text", "parquet", "csv")
@@ -378,12 +415,14 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
         pipeline_tag="text-generation",
         model_name=results.name,
         tags=["parameternet", "pnet", "llama", "custom_code"]
-        + (["mixture-of-experts"] if model_type == "pnet_llama" else []),
+        + (["mixture-of-experts"] if model_type == "pnet_llama" else [])
+        + (["upcycled"] if upcycling else []),
+        base_model=dense_hub_id or None,
         datasets=hub_datasets or None,
         eval_results=text_eval_results(results) or None,
     )
     config_path = None if config_path is None else card_path(config_path, model_dir)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path, upcycling))
 
 
 def main(argv: list[str] | None = None) -> None:

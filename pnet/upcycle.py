@@ -1,35 +1,42 @@
 """pnet-upcycle: sparse upcycling of a dense LLaMA into a Hub-ready PNet-LLaMA folder.
 
-    pnet-upcycle LLAMA_DIR_OR_HUB_ID OUT_DIR --num-experts 8 --projections up [down gate]
+    pnet-upcycle LLAMA_DIR_OR_HUB_ID OUT_DIR --num-experts 8 --projections up [down gate] [--shared-router]
+                 [--perturb-fraction 0.5 --seed 0]
 
 Every expert of a routed projection starts as a copy of the dense projection and the routers are fresh; with the
 default ``straight_through`` output scaling the upcycled model computes the dense model's function at step 0, which
-the command checks on a probe batch before writing anything. The folder holds safetensors weights, a config with
-``auto_map`` and the model code (loads anywhere with ``trust_remote_code=True``), the dense model's tokenizer (with a
-pad token and ``model_max_length``) and a model card. Continue training it with ``scripts/pretrain.py`` and
-``init_from: OUT_DIR``.
+the command checks on a probe batch before writing anything. ``--perturb-fraction r`` (Drop-Upcycling, Nakamura et
+al., arXiv 2502.19261) then re-initialises a random fraction r of each expert's intermediate dimensions, different for
+each expert, from a normal distribution with the dense matrix's mean and standard deviation, so that the experts
+differ from the start and the routers have something to tell apart; the model then no longer computes the dense
+function exactly (the command prints the distance). The folder holds safetensors weights, a config with ``auto_map``
+and the model code (loads anywhere with ``trust_remote_code=True``), the dense model's tokenizer (with a pad token and
+``model_max_length``), a record of how it was upcycled (``upcycling.json``) and a model card that says so. Continue
+training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-from modeling_pnet_llama import PNetLlamaForCausalLM
-from modeling_pnet_llama.configuration_pnet_llama import EXPERT_OUTPUT_SCALINGS, MOE_PROJECTION_NAMES
-from pnet.checkpoint import publish_dir
-from pnet.model_loading import prepare_tokenizer_for_model
+# Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `--help` and argument
+# errors answer at once.
 
 # The largest |logit| difference between the dense and the upcycled model on the probe batch with straight-through
 # scaling (float32 rounding of the same sums in another order).
 FUNCTION_PRESERVED_ATOL = 1e-3
+UPCYCLING_FILE = "upcycling.json"  # how a folder was upcycled; read by the model card (pnet_eval.model_card)
+MOE_PROJECTION_NAMES = ("gate", "up", "down")  # as modeling_pnet_llama's config (checked equal in tests)
+EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
 
 
-def check_arguments(num_experts: int, projections: list[str], expert_output_scaling: str) -> None:
+def check_arguments(num_experts: int, projections: list[str], expert_output_scaling: str,
+                    perturb_fraction: float = 0.0) -> None:
     if num_experts < 1:
         raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
     unknown = [p for p in projections if p not in MOE_PROJECTION_NAMES]
@@ -38,35 +45,145 @@ def check_arguments(num_experts: int, projections: list[str], expert_output_scal
     if expert_output_scaling not in EXPERT_OUTPUT_SCALINGS:
         raise ValueError(f"--expert-output-scaling must be one of {list(EXPERT_OUTPUT_SCALINGS)}, "
                          f"got {expert_output_scaling!r}")
+    if not 0.0 <= perturb_fraction <= 1.0:
+        raise ValueError(f"--perturb-fraction must lie in [0, 1], got {perturb_fraction}")
 
 
-@torch.no_grad()
-def max_logit_difference(dense: torch.nn.Module, upcycled: torch.nn.Module, vocab_size: int) -> float:
+def looks_like_local_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper paths) can only be a folder,
+    and so is ``a/b`` when folder ``a`` exists here (``models/smollm2`` rather than a Hub owner ``models``)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def check_paths(llama: str, out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before reading any weight: a missing local folder (rather than asking the Hub for it), an existing
+    output folder without --overwrite, and an output folder that is, or holds, the dense input."""
+    if not Path(llama).expanduser().is_dir() and looks_like_local_path(llama):
+        raise FileNotFoundError(f"{llama}: no such folder (expected a dense LLaMA folder or a Hub id owner/name)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    source = Path(llama).expanduser()
+    if source.is_dir() and out_dir.exists():
+        source, target = source.resolve(), out_dir.resolve()
+        if target == source or target in source.parents:
+            raise FileExistsError(f"{out_dir} is, or holds, the dense input model {llama}: --overwrite would "
+                                  "destroy it; write the upcycled model to another folder")
+
+
+def load_dense_config(llama: str):
+    """The dense model's config, with a one-line error if it is neither a local folder nor a reachable Hub model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(llama)  # a LLaMA folder carries no code: nothing is executed
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"{llama}: not a local folder, and no Hub model could be read ({first_line})") from None
+
+
+def max_logit_difference(dense, upcycled, vocab_size: int) -> float:
     """Largest |logit| difference between the two models on a fixed batch of 2 x 32 token ids."""
+    import torch
+
     probe = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)).to(dense.device)
-    return (dense(probe).logits.float() - upcycled(probe).logits.float()).abs().max().item()
+    with torch.no_grad():
+        return (dense(probe).logits.float() - upcycled(probe).logits.float()).abs().max().item()
+
+
+def perturb_experts(model, fraction: float, seed: int) -> int:
+    """Drop-Upcycling (arXiv 2502.19261) on an upcycled PNet-LLaMA, in place: in every layer, each expert index e
+    draws its own random set of round(fraction * intermediate_size) intermediate dimensions, and every routed
+    projection re-initialises them in expert e (rows of gate/up, columns of down) from a normal distribution with the
+    mean and standard deviation of the dense matrix. Routed projections of one layer share the index sets, so that
+    with a shared router expert e of gate, up and down is one FFN expert, as in the paper. Seeded; returns the number
+    of re-initialised values."""
+    import torch
+
+    config = model.config
+    num_dims = round(fraction * config.intermediate_size)
+    if num_dims == 0:
+        return 0
+    generator = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for layer in range(config.num_hidden_layers):
+            weights = {p: model.get_parameter(f"model.layers.{layer}.mlp.{p}_proj.weight")
+                       for p in config.moe_projections}
+            # Statistics of the dense matrix: every expert still holds an exact copy of it.
+            stats = {p: (w[0].mean().item(), w[0].std().item()) for p, w in weights.items()}
+            for expert in range(config.num_experts):
+                dims = torch.randperm(config.intermediate_size, generator=generator)[:num_dims]
+                for projection, weight in weights.items():
+                    mean, std = stats[projection]
+                    axis = 1 if projection == "down" else 0  # the intermediate axis of this expert's matrix
+                    shape = list(weight.shape[1:])
+                    shape[axis] = num_dims
+                    fresh = torch.normal(mean, std, shape, generator=generator).to(weight.dtype)
+                    weight[expert].index_copy_(axis, dims.to(weight.device), fresh.to(weight.device))
+                    changed += fresh.numel()
+    return changed
+
+
+def local_name(llama: str) -> str:
+    """How the card names the dense model: a Hub id as given, a local folder by its name only (no local path)."""
+    path = Path(llama).expanduser()
+    return path.resolve().name if path.is_dir() else llama
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list[str],
-            expert_output_scaling: str = "straight_through", overwrite: bool = False) -> dict:
+            expert_output_scaling: str = "straight_through", overwrite: bool = False, shared_router: bool = False,
+            perturb_fraction: float = 0.0, seed: int = 0) -> dict:
     """Upcycle the LLaMA folder or Hub id ``llama`` into ``out_dir``; returns a summary (parameter counts, the
-    function check). Arguments are checked before any weight is read; the folder appears complete or not at all."""
-    check_arguments(num_experts, projections, expert_output_scaling)
+    function check). Arguments and paths are checked before any weight is read; the folder appears complete or not
+    at all."""
+    check_arguments(num_experts, projections, expert_output_scaling, perturb_fraction)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    dense_config = AutoConfig.from_pretrained(llama)  # a LLaMA folder carries no code: nothing is executed
+    check_paths(llama, out_dir, overwrite)
+    dense_config = load_dense_config(llama)
     if dense_config.model_type != "llama":
         raise ValueError(f"{llama}: model_type {dense_config.model_type!r}; pnet-upcycle takes a dense LLaMA "
                          "('llama'), whose parameter names it maps onto PNet-LLaMA's")
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_pnet_llama import PNetLlamaForCausalLM
+    from pnet.checkpoint import publish_dir
+    from pnet.model_loading import prepare_tokenizer_for_model
+
+    import torch
+
     dense = AutoModelForCausalLM.from_pretrained(llama).eval()
+    torch.manual_seed(seed)  # the fresh routers: the same command writes the same folder
     model = PNetLlamaForCausalLM.from_llama(dense, num_experts=num_experts, moe_projections=projections,
-                                            expert_output_scaling=expert_output_scaling).eval()
+                                            expert_output_scaling=expert_output_scaling,
+                                            shared_router=shared_router).eval()
     difference = max_logit_difference(dense, model, dense_config.vocab_size)
     if expert_output_scaling == "straight_through" and difference > FUNCTION_PRESERVED_ATOL:
         raise RuntimeError(f"the upcycled model does not compute the dense function: max |logit difference| "
                            f"{difference:.3g} > {FUNCTION_PRESERVED_ATOL}")
+    dense_weights = Path(llama).expanduser() / "model.safetensors"  # provenance (a Hub id or sharded weights: none)
+    record = {
+        "dense_model": local_name(llama),
+        "dense_weights_sha256": file_sha256(dense_weights) if dense_weights.is_file() else None,
+        "method": "sparse upcycling: every expert a copy of the dense projection, fresh routers",
+        "num_experts": num_experts,
+        "moe_projections": list(model.config.moe_projections),
+        "shared_router": shared_router,
+        "expert_output_scaling": expert_output_scaling,
+        "max_logit_difference_before_perturbation": difference,
+        "perturb_fraction": perturb_fraction,
+        "seed": seed,
+    }
+    if perturb_fraction > 0:
+        record["perturbed_values"] = perturb_experts(model, perturb_fraction, seed)
+        record["max_logit_difference"] = difference = max_logit_difference(dense, model, dense_config.vocab_size)
     tokenizer = prepare_tokenizer_for_model(AutoTokenizer.from_pretrained(llama), model.config)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -74,6 +191,7 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
         shutil.rmtree(tmp)  # left by an interrupted run
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / UPCYCLING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     from pnet_eval.model_card import build_card  # the card reads the saved folder
 
     build_card(tmp).save(tmp / "README.md")
@@ -89,18 +207,25 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pnet-upcycle", description=__doc__.split("\n\n")[0])
     parser.add_argument("llama", help="dense LLaMA: a saved folder or a Hub id")
-    parser.add_argument("out_dir", help="the PNet-LLaMA folder to write")
+    parser.add_argument("out_dir", help="the PNet-LLaMA folder to write (never the dense folder itself)")
     parser.add_argument("--num-experts", type=int, default=8, help="experts per routed projection (default: 8)")
     parser.add_argument("--projections", nargs="+", default=["down"], metavar="NAME",
                         help=f"projections to route, from {list(MOE_PROJECTION_NAMES)} (default: down)")
+    parser.add_argument("--shared-router", action="store_true",
+                        help="one router per layer on the FFN input, followed by every routed projection "
+                             "(default: one router per routed projection)")
     parser.add_argument("--expert-output-scaling", default="straight_through", choices=EXPERT_OUTPUT_SCALINGS,
                         help="straight_through (default) keeps the dense function at step 0; router_prob is Switch's")
+    parser.add_argument("--perturb-fraction", type=float, default=0.0, metavar="R",
+                        help="Drop-Upcycling: re-initialise this fraction of each expert's intermediate dimensions "
+                             "(0 <= R <= 1; default: 0, exact copies)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation and of --perturb-fraction (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
     try:
         summary = upcycle(args.llama, args.out_dir, args.num_experts, args.projections, args.expert_output_scaling,
-                          args.overwrite)
-    except (ValueError, FileExistsError) as error:
+                          args.overwrite, args.shared_router, args.perturb_fraction, args.seed)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"{summary['out_dir']}: {summary['dense_parameters']:,} -> {summary['upcycled_parameters']:,} parameters; "
           f"max |logit difference| to the dense model on a probe batch: {summary['max_logit_difference']:.2e}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install pnet with every extra (train, eval, vision, peft, deepspeed, dev) on a machine that has
+# Create .venv and install pnet with every extra (train, eval, vision, peft, gguf, deepspeed, dev) on a machine that has
 # only Python. Idempotent: re-running it only installs what is missing.
 #   TRANSFORMERS=min bash scripts/setup_env.sh   # the oldest transformers the project declares (CI's second pass)
 set -euo pipefail
@@ -14,7 +14,7 @@ PIP=".venv/bin/python -m pip"
 CONSTRAINTS="-c scripts/constraints-cpu.txt"
 $PIP install -q --upgrade pip
 $PIP install -q $CONSTRAINTS torch
-$PIP install -q $CONSTRAINTS -e ".[train,eval,vision,peft,dev]"
+$PIP install -q $CONSTRAINTS -e ".[train,eval,vision,peft,gguf,dev]"
 if [ "${TRANSFORMERS:-}" = "min" ]; then
     # The lower bound of the range pyproject.toml declares (transformers>=A,<B): install exactly A.
     MIN=$(.venv/bin/python -c 'import re, tomllib

@@ -3,11 +3,15 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import pnet.upcycle as upcycle_module
 from pnet.upcycle import main
 
 TINY = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -70,3 +74,93 @@ def test_refuses_a_non_llama_folder_and_an_existing_output(dense_dir, tmp_path, 
     with pytest.raises(SystemExit):
         main([str(dense_dir), str(tmp_path / "pnet"), "--num-experts", "2"])
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_import_no_model_code(tmp_path):
+    """`pnet-upcycle --help` answered without importing torch / transformers / the model (it took 5.8 s)."""
+    code = ("import sys; from pnet.upcycle import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'modeling_pnet_llama') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--perturb-fraction" in result.stdout and "--shared-router" in result.stdout
+
+
+def test_names_match_the_model_config():
+    from modeling_pnet_llama.configuration_pnet_llama import EXPERT_OUTPUT_SCALINGS, MOE_PROJECTION_NAMES
+
+    assert (upcycle_module.MOE_PROJECTION_NAMES, upcycle_module.EXPERT_OUTPUT_SCALINGS) == (
+        tuple(MOE_PROJECTION_NAMES), tuple(EXPERT_OUTPUT_SCALINGS))
+
+
+def test_refuses_to_overwrite_the_dense_input(dense_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in dense_dir.iterdir()}
+    for out in (dense_dir, dense_dir.parent):
+        with pytest.raises(SystemExit) as error:
+            main([str(dense_dir), str(out), "--num-experts", "2", "--overwrite"])
+        assert error.value.code == 2
+        assert f"{out} is, or holds, the dense input model {dense_dir}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in dense_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["ABSOLUTE", "models/not-converted-yet", "./missing", "a/b/c"])
+def test_a_missing_folder_fails_at_once_without_asking_the_hub(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    name = str(tmp_path / "missing") if name == "ABSOLUTE" else name
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_hub)
+    with pytest.raises(SystemExit) as error:
+        main([name, str(tmp_path / "out")])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{name}: no such folder (expected a dense LLaMA folder or a Hub id owner/name)" in err
+    assert len(err.splitlines()) <= 6  # usage lines + the one error line
+
+
+def test_shared_router_and_drop_upcycling_perturbation(dense_dir, tmp_path):
+    args = ["--num-experts", "4", "--projections", "gate", "up", "down", "--shared-router",
+            "--perturb-fraction", "0.25", "--seed", "3"]
+    main([str(dense_dir), str(tmp_path / "a"), *args])
+    main([str(dense_dir), str(tmp_path / "b"), *args])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["shared_router"] is True and config["moe_projections"] == ["gate", "up", "down"]
+    record = json.loads((tmp_path / "a" / upcycle_module.UPCYCLING_FILE).read_text())
+    assert (record["dense_model"], record["num_experts"], record["perturb_fraction"], record["seed"]) == (
+        "dense", 4, 0.25, 3)
+    assert record["max_logit_difference_before_perturbation"] < 1e-4 < record["max_logit_difference"]
+    assert record["perturbed_values"] == 2 * 4 * 3 * 16 * 32  # layers x experts x projections x dims x hidden
+
+    dense = LlamaForCausalLM.from_pretrained(dense_dir).state_dict()
+    weights = load_file(tmp_path / "a" / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in load_file(tmp_path / "b" / "model.safetensors").items())
+    for layer in range(2):
+        key = f"model.layers.{layer}.mlp.{{}}_proj.weight"
+        changed = {}
+        for projection in ("gate", "up", "down"):
+            experts, original = weights[key.format(projection)], dense[key.format(projection)]
+            axis = 1 if projection == "down" else 0  # intermediate dimensions: rows of gate/up, columns of down
+            differs = (experts != original).any(dim=2 - axis if axis == 0 else 1)
+            for expert in range(4):
+                dims = differs[expert].nonzero().flatten().tolist()
+                assert len(dims) == 16  # round(0.25 * intermediate_size 64)
+                changed.setdefault(expert, []).append(dims)
+            fresh = experts[0].index_select(axis, torch.tensor(changed[0][-1]))
+            assert abs(fresh.std().item() / original.std().item() - 1) < 0.25  # statistics-matched
+        for expert, dims in changed.items():
+            assert dims[0] == dims[1] == dims[2]  # expert e of gate, up and down: one FFN expert
+        assert len({tuple(dims[0]) for dims in changed.values()}) == 4  # each expert its own dimensions
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "Upcycled from the dense LLaMA **dense** by `pnet-upcycle`" in card
+    assert "Drop-Upcycling" in card and "25% of the intermediate dimensions" in card and "upcycled" in card
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "1.5"])
+def test_bad_perturb_fraction(fraction, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "does-not-exist"), str(tmp_path / "out"), "--perturb-fraction", fraction])
+    assert f"--perturb-fraction must lie in [0, 1], got {float(fraction)}" in capsys.readouterr().err
