@@ -1,0 +1,1 @@
+"""Experiment runners: one resumable command per study, each writing a report page under results/."""
