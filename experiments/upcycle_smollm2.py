@@ -143,13 +143,15 @@ def heldout_subset(study: UpcycleStudyConfig) -> Path:
         budget, kept = settings.heldout_chars, []
         for record in records:
             text = record["text"]
-            if budget is not None:
-                text = text if len(text) <= budget else text[:budget].rsplit(" ", 1)[0]
-                budget -= len(text)
+            cut = budget is not None and len(text) > budget
+            if cut:
+                text = text[:budget].rsplit(" ", 1)[0]
             kept.append({"text": text})
-            if budget is not None and budget <= 0:
+            if cut:
                 break
+            budget = None if budget is None else budget - len(text)
         tmp = out.with_name(out.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(out)
     return out

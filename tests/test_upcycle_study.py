@@ -2,6 +2,7 @@
 upcycles, evaluates both models before, trains both arms on equal tokens in the same order, evaluates after, writes
 the report, and a re-run continues a killed run (finished stages skipped, training resumed bit for bit)."""
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.upcycle_smollm2 import load_study_config, main, plan, pretrain_config
+from experiments.upcycle_smollm2 import heldout_subset, load_study_config, main, plan, pretrain_config
 from pnet import run_log as L
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +112,16 @@ def test_runner_upcycles_trains_both_arms_and_resumes(tiny_llama_dir, tmp_path):
     assert [r[L.VAL_LOSS] for r in L.val_records(records)] == val_before  # bit for bit
     assert upcycled_stage.stat().st_mtime_ns == untouched
     assert summary["stages"]["train-dense-seed0"]["result"]["resumed"] is True
+
+
+def test_heldout_subset_takes_first_documents_cut_at_a_space(tmp_path):
+    study = load_study_config(CONFIG, [f"output_root={tmp_path}", "evaluation.heldout_docs=2",
+                                       "evaluation.heldout_chars=300"])
+    subset = heldout_subset(study)
+    texts = [json.loads(line)["text"] for line in subset.read_text().splitlines()]
+    with gzip.open(REPO_ROOT / study.evaluation.heldout, "rt") as f:
+        first = json.loads(f.readline())["text"]
+    assert len(texts) == 1 and 290 < len(texts[0]) <= 300 and first.startswith(texts[0] + " ")
+    whole = load_study_config(CONFIG, [f"output_root={tmp_path / 'b'}", "evaluation.heldout_docs=2",
+                                       "evaluation.heldout_chars=null"])
+    assert len(heldout_subset(whole).read_text().splitlines()) == 2
