@@ -96,6 +96,8 @@ class UpcycleStudyConfig(ConfigModel):
     pretrain_overrides: dict[str, Any] = Field(default_factory=dict)
     """dotted keys set on the base config for every run alike"""
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    notes: str = ""
+    """markdown for the report's "What this budget can and cannot show" section"""
 
 
 def load_study_config(path: str | os.PathLike, overrides: list[str] = ()) -> UpcycleStudyConfig:
@@ -327,8 +329,8 @@ def write_report(study: UpcycleStudyConfig, stages: dict[str, dict[str, Any]], c
     lines = [
         f"# Continued pretraining: dense {Path(study.dense_model).name} vs its ParameterNet upcycling",
         "",
-        f"Command: `{command}` (config `{study.to_dict()['output_root']}`, report written by "
-        "`experiments/upcycle_smollm2.py`).",
+        f"Command: `{command}` (outputs in `{study.output_root}`; this page is written by "
+        "`experiments/upcycle_smollm2.py`; re-running the command continues a killed run).",
         "",
         f"- Upcycling: {'+'.join(study.upcycle.projections)} x {study.upcycle.num_experts} experts, "
         f"{study.upcycle.expert_output_scaling} output scaling; max |logit difference| to the dense model on the "
@@ -369,6 +371,8 @@ def write_report(study: UpcycleStudyConfig, stages: dict[str, dict[str, Any]], c
         tps = _fmt(run["tokens_per_s"], 0) if name.startswith("train-") and run else ""
         lines.append(f"| {name} | {_fmt(stage['wall_s'], 0)} | {tps} | {_fmt(stage['peak_rss_mib'], 0)} | "
                      f"{stage['loadavg_start'][0]:.2f} / {stage['loadavg_end'][0]:.2f} |")
+    if study.notes:
+        lines += ["", "## What this budget can and cannot show", "", study.notes.strip()]
     report_md.write_text("\n".join(lines) + "\n")
     return summary
 
