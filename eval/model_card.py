@@ -22,7 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pnet.counting import short_number
-from pnet.upcycle import UPCYCLING_FILE
+from pnet.run_log import UPCYCLING_FILE
 from pnet_eval.report import ModelResults, load_model_results
 
 TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 LOG_FILE = "log.jsonl"
+UPCYCLING_FILE = "upcycling.json"  # how pnet-upcycle made a folder (from what, how); read by the model card
 
 # ---- fields of every record
 STEP = "step"

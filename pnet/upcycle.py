@@ -24,13 +24,14 @@ import os
 import shutil
 from pathlib import Path
 
+from pnet.run_log import UPCYCLING_FILE
+
 # Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `--help` and argument
 # errors answer at once.
 
 # The largest |logit| difference between the dense and the upcycled model on the probe batch with straight-through
 # scaling (float32 rounding of the same sums in another order).
 FUNCTION_PRESERVED_ATOL = 1e-3
-UPCYCLING_FILE = "upcycling.json"  # how a folder was upcycled; read by the model card (pnet_eval.model_card)
 MOE_PROJECTION_NAMES = ("gate", "up", "down")  # as modeling_pnet_llama's config (checked equal in tests)
 EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
 

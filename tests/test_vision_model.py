@@ -137,9 +137,16 @@ def test_reparameterize_gives_equal_eval_outputs(overrides, tmp_path):
         assert [p.shape for p in inference.parameters()] == [p.shape for p in ghostnet.parameters()]
     inference.save_pretrained(tmp_path / "inference")
     loaded = ParameterNetForImageClassification.from_pretrained(tmp_path / "inference").eval()
+    # Saved exactly: every tensor bit-equal. The outputs agree to float rounding only: a convolution's summation order
+    # may depend on where its weights sit in memory (the loaded ones are memory-mapped), seen as 1e-6 differences.
+    loaded_state, inference_state = loaded.state_dict(), inference.state_dict()
+    assert loaded_state.keys() == inference_state.keys()
+    for name, value in inference_state.items():
+        assert torch.equal(loaded_state[name], value), name
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x).logits, inference(x).logits, rtol=0, atol=0)
+        expected = inference(x).logits
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-5 * expected.abs().max())
     assert loaded.reparameterize() is loaded
 
 
