@@ -70,6 +70,7 @@ def test_gpu_script_dry_run_parses(tiny_llama_dir):
     assert "precision bf16" in result.stdout and "upcycled-seed1" in result.stdout
 
 
+@pytest.mark.slow
 def test_runner_upcycles_trains_both_arms_and_resumes(tiny_llama_dir, tmp_path):
     overrides = tiny_overrides(tiny_llama_dir, tmp_path)
     summary = main(["--config", str(CONFIG), *overrides])
