@@ -34,11 +34,14 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+from pnet.checkpoint import write_json_atomic
 
 PERPLEXITY_RESULTS_FILE = "pnet_perplexity_results.json"
 LM_EVAL_PERPLEXITY_RESULTS_FILE = "lm_eval_perplexity_results.json"
@@ -222,13 +225,48 @@ def summarize_file(text_file: TextFile, task_results: dict[str, Any], samples: l
     return entry
 
 
-def results_dir(model: str, output_dir: str | Path | None) -> Path:
-    """Where a model's results go: the model folder, or `output_dir/<model folder name>/`."""
-    if output_dir is not None:
-        return Path(output_dir) / Path(model).name
-    if Path(model).is_dir():
-        return Path(model)
-    return Path.cwd() / re.sub(r"[^\w.-]", "__", model)  # a Hub id
+GENERIC_FOLDER_NAMES = ("final",)  # a training run exports final/: named after its run instead
+
+
+def results_dirs(models: list[str], output_dir: str | Path | None) -> dict[str, Path]:
+    """Where each model's results go: its own folder (a Hub id: ``./<owner__name>``), or with ``output_dir``
+    ``output_dir/<name>``, where ``<name>`` is the model folder's name joined to as many parent names as tell the
+    models of one command apart, and never a bare ``final`` (``runs/a/final`` -> ``a-final``): two models never
+    write to one folder."""
+    def hub_name(model: str) -> str:
+        return re.sub(r"[^\w.-]", "__", model)
+
+    if output_dir is None:
+        return {m: Path(m) if Path(m).is_dir() else Path.cwd() / hub_name(m) for m in models}
+    parts = {m: Path(m).resolve().parts[1:] if Path(m).is_dir() else (hub_name(m),) for m in models}
+    depth = {m: 2 if p[-1] in GENERIC_FOLDER_NAMES and len(p) > 1 else 1 for m, p in parts.items()}
+    while True:
+        names = {m: "-".join(parts[m][-depth[m]:]) for m in parts}
+        clashes = [m for m in parts if list(names.values()).count(names[m]) > 1]
+        if not clashes:
+            return {m: Path(output_dir) / names[m] for m in parts}
+        if all(depth[m] == len(parts[m]) for m in clashes):
+            raise ValueError(f"models {clashes} would write their results to one folder "
+                             f"{Path(output_dir) / names[clashes[0]]}; evaluate them with separate --output-dir")
+        for m in clashes:
+            depth[m] = min(depth[m] + 1, len(parts[m]))
+
+
+def prepare_results_dirs(dirs: dict[str, Path], earlier_result: Callable[[Path], str | None],
+                         overwrite: bool) -> None:
+    """Before any model loads: make each results folder and check it can be written, and refuse to replace an
+    earlier result (``earlier_result(folder)`` names it, or None) unless ``overwrite``."""
+    for model, out in dirs.items():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out):
+                pass
+        except OSError as error:
+            raise ValueError(f"the results of {model} go to {out}, which cannot be written "
+                             f"({error.strerror or error}); pass --output-dir DIR to write them elsewhere") from None
+        if not overwrite and (earlier := earlier_result(out)):
+            raise FileExistsError(f"{earlier} holds the results of an earlier evaluation; pass --overwrite to "
+                                  "replace them, or --output-dir DIR to keep both")
 
 
 def read_perplexity_results(folder: str | Path) -> dict[str, Any] | None:
@@ -259,6 +297,7 @@ def evaluate_perplexity(
     prefix_token_id: int | None = None,
     output_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Rolling-window perplexity of each model on each file; returns (and writes) one result dict per model.
 
@@ -275,11 +314,11 @@ def evaluate_perplexity(
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from pnet.model_loading import trust_remote_code_for
+    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
     from pnet_eval.zero_shot import check_model, default_dtype, lm_eval_model_args, quiet_git_describe
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
-    models = [check_model(m) for m in model_dirs]
+    models = list(dict.fromkeys(check_model(m) for m in model_dirs))
     text_files = load_text_files(files, text_field)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
@@ -288,6 +327,16 @@ def evaluate_perplexity(
             check_prefix_token_id(model, prefix_token_id)
     # Decided from config.json alone, before any model loads: PNet folders load with the installed classes.
     trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}
+    for model in models:
+        check_checkpoint_weights(model, trust[model])
+    out_dirs = results_dirs(models, output_dir)
+
+    def earlier_result(out: Path) -> str | None:  # the same files scored before (other files' results are kept)
+        scored = (read_perplexity_results(out) or {}).get("files", {})
+        again = [f.label for f in text_files if f.label in scored]
+        return f"{out / PERPLEXITY_RESULTS_FILE} (files {again})" if again else None
+
+    prepare_results_dirs(out_dirs, earlier_result, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
 
@@ -324,8 +373,7 @@ def evaluate_perplexity(
         wall_time = time.perf_counter() - start
         samples = results.pop("samples")
         print(make_table(results))
-        out = results_dir(model, output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = out_dirs[model]
         summary = read_perplexity_results(out) or {}
         summary.update({"model": Path(model).name, "model_dir": model})
         summary.setdefault("files", {})
@@ -352,10 +400,9 @@ def evaluate_perplexity(
                 f"bits per byte {entry['bits_per_byte']:.4f}, token perplexity {entry['token_perplexity']:.4f} "
                 f"({entry['docs']} docs, {entry['tokens']} tokens, windows of {lm.max_length})"
             )
-        (out / LM_EVAL_PERPLEXITY_RESULTS_FILE).write_text(
-            json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        )
-        (out / PERPLEXITY_RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out / LM_EVAL_PERPLEXITY_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
+                          ensure_ascii=False)
+        write_json_atomic(out / PERPLEXITY_RESULTS_FILE, summary, indent=2)
         print(f"wrote {out / PERPLEXITY_RESULTS_FILE} and {out / LM_EVAL_PERPLEXITY_RESULTS_FILE}")
         summaries.append(summary)
         del lm

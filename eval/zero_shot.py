@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pnet.checkpoint import write_json_atomic
 from pnet.config import hub_is_offline
 from pnet_eval import perplexity
 
@@ -184,10 +184,13 @@ def evaluate(
     output_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     backend: str = "hf",
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Zero-shot evaluation of each model; returns (and writes) one compact result dict per model.
 
-    Results go to each model's own folder, or to `output_dir/<model folder name>/` when given. No code from a model
+    Results go to each model's own folder, or to `output_dir/<name>/` when given (`perplexity.results_dirs`: a run's
+    `final/` is named after its run); every folder is checked writable, and an earlier result is replaced only with
+    `overwrite`, before any model loads. No code from a model
     folder runs unless `trust_remote_code` (`pnet.model_loading.trust_remote_code_for`). `backend` is lm-eval's model
     type: "hf" (transformers) or "vllm" (vLLM with pnet's plugin, see README "Serving"); `batch_size` None is
     1 for hf and "auto" (all requests at once) for vllm.
@@ -203,11 +206,16 @@ def evaluate(
     from lm_eval.utils import handle_non_serializable, make_table
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
-    from pnet.model_loading import trust_remote_code_for
+    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
 
-    models = [check_model(m) for m in model_dirs]
+    models = list(dict.fromkeys(check_model(m) for m in model_dirs))
     selected = resolve_tasks(tasks)
     trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}  # before any loading
+    for model in models:
+        check_checkpoint_weights(model, trust[model])
+    out_dirs = perplexity.results_dirs(models, output_dir)
+    perplexity.prepare_results_dirs(
+        out_dirs, lambda out: (out / RESULTS_FILE) if (out / RESULTS_FILE).exists() else None, overwrite)
     local_dir = resolve_data_dir(data_dir)
     if local_dir is not None:
         check_local_data(selected, local_dir)
@@ -257,14 +265,10 @@ def evaluate(
             "wall_time_s": round(wall_time, 2),
             "tasks": summarize(results, selected, local=local_dir is not None),
         }
-        out = Path(output_dir) / Path(model).name if output_dir else Path(model)
-        if not out.is_dir() and output_dir is None:  # a Hub id: write into the working directory
-            out = Path.cwd() / re.sub(r"[^\w.-]", "__", model)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LM_EVAL_RESULTS_FILE).write_text(
-            json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        )
-        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        out = out_dirs[model]
+        write_json_atomic(out / LM_EVAL_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
+                          ensure_ascii=False)
+        write_json_atomic(out / RESULTS_FILE, summary, indent=2)
         print(f"wrote {out / RESULTS_FILE} and {out / LM_EVAL_RESULTS_FILE}")
         summaries.append(summary)
     return summaries
@@ -300,7 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", default=None, help="float32, bfloat16, float16, auto (default: bf16 on GPU, fp32 on CPU)"
     )
     parser.add_argument(
-        "--output-dir", default=None, help="write results to DIR/<model name>/ instead of the model folder"
+        "--output-dir", default=None,
+        help="write results to DIR/<model name>/ instead of the model folder (runs/a/final -> DIR/a-final)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier evaluation (default: refuse)"
     )
     parser.add_argument(
         "--backend",
@@ -333,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                 prefix_token_id=args.prefix_token_id,
                 output_dir=args.output_dir,
                 trust_remote_code=args.trust_remote_code,
+                overwrite=args.overwrite,
             )
             if args.tasks is None:
                 return
@@ -347,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
             output_dir=args.output_dir,
             trust_remote_code=args.trust_remote_code,
             backend=args.backend,
+            overwrite=args.overwrite,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"pnet-eval: error: {error}\n")
 
 

@@ -59,6 +59,8 @@ from pnet.config import (
     read_yaml,
     yaml_value,
 )
+from pnet.run_lock import exclusive_output
+from pnet.training import run_command
 from experiments.table7 import ROW_NAME
 
 RUN_OUTPUT = "output.txt"  # a run's stdout and stderr (tqdm, prints)
@@ -640,17 +642,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = config.runs()
     invocation = shlex.join(["python", "scripts/low_flops_trap.py", *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_process))  # inherited by the workers
-    execute(config, runs, invocation)
-    numbers = collect(config, runs)
-    write_report(config, runs, numbers, invocation)
+    with exclusive_output(config.output_root):  # one runner per output root
+        execute(config, runs, invocation)
+        numbers = collect(config, runs)
+        write_report(config, runs, numbers, invocation)
     return numbers
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except (ConfigError, FileNotFoundError) as error:
-        sys.exit(f"low_flops_trap: error: {error}")
+    run_command("low_flops_trap", main, argv)
 
 
 if __name__ == "__main__":

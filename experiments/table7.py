@@ -61,6 +61,8 @@ from pnet.counting import count_config
 from pnet.llama_counting import DEFAULT_SEQ_LEN
 from pnet.model_loading import check_config_keys, config_class
 from pnet.plots import plot_expert_load_stacked
+from pnet.run_lock import exclusive_output
+from pnet.training import run_command
 
 PROJECTIONS = ("gate", "up", "down")
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -363,11 +365,13 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     final = run_dir / "final"
     zs, ppl = config.zero_shot, config.perplexity
     limit = int(zs.limit) if zs.limit is not None and zs.limit >= 1 else zs.limit
+    # A stage runs again only when the runner's state says it did not finish: its earlier files are partial.
     runners = {
         "zero_shot": lambda: evaluate(str(final), tasks=zs.tasks, data_dir=zs.data_dir, limit=limit,
-                                      batch_size=zs.batch_size),
+                                      batch_size=zs.batch_size, overwrite=True),
         "perplexity": lambda: evaluate_perplexity(str(final), ppl.files, max_length=ppl.max_length,
-                                                  batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id),
+                                                  batch_size=ppl.batch_size, prefix_token_id=ppl.prefix_token_id,
+                                                  overwrite=True),
         "sst2": lambda: run_sst2(config.finetune_config(str(final))),
     }
     for name, command in evaluation_stages(config, final):
@@ -580,35 +584,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     config = load_replicate_config(args.config, args.overrides)
     rows = select_rows(config, args.rows)
-    invocation = shlex.join(["python", "scripts/replicate_table7.py", *(argv if argv is not None else sys.argv[1:])])
-    torch.set_num_threads(config.threads_per_process)  # the stages that run in this process
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with exclusive_output(config.output_root):  # one runner per output root
+        invocation = shlex.join(["python", "scripts/replicate_table7.py", *(argv if argv is not None else sys.argv[1:])])
+        torch.set_num_threads(config.threads_per_process)  # the stages that run in this process
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    for row in rows:
-        run_row(config, row)
+        for row in rows:
+            run_row(config, row)
 
-    root = Path(config.output_root)
-    finals = [root / row.name / "final" for row in rows]
-    report_md = root / "pnet-report.md"
-    table = build_table([load_model_results(final, loss_window=config.plots.loss_window) for final in finals])
-    markdown = render_markdown(table)
-    report_md.write_text(markdown, encoding="utf-8")
-    report_md.with_suffix(".json").write_text(json.dumps(table, indent=2), encoding="utf-8")
-    results = [row_results(config, row, report_row) for row, report_row in zip(rows, table["rows"])]
-    commands = []
-    for row in rows:
-        commands.append(shlex.join(read_state(root / row.name)["pretrain_command"]))
-        commands += [shlex.join(command) for _, command in evaluation_stages(config, root / row.name / "final")]
-    commands.append(shlex.join(["pnet-report", *map(str, finals), "--out", str(report_md), "--loss-window",
-                                str(config.plots.loss_window)]))
-    write_report(config, results, markdown, commands, invocation)
+        root = Path(config.output_root)
+        finals = [root / row.name / "final" for row in rows]
+        report_md = root / "pnet-report.md"
+        table = build_table([load_model_results(final, loss_window=config.plots.loss_window) for final in finals])
+        markdown = render_markdown(table)
+        report_md.write_text(markdown, encoding="utf-8")
+        report_md.with_suffix(".json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+        results = [row_results(config, row, report_row) for row, report_row in zip(rows, table["rows"])]
+        commands = []
+        for row in rows:
+            commands.append(shlex.join(read_state(root / row.name)["pretrain_command"]))
+            commands += [shlex.join(command) for _, command in evaluation_stages(config, root / row.name / "final")]
+        commands.append(shlex.join(["pnet-report", *map(str, finals), "--out", str(report_md), "--loss-window",
+                                    str(config.plots.loss_window)]))
+        write_report(config, results, markdown, commands, invocation)
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except (ConfigError, FileNotFoundError) as error:
-        sys.exit(f"replicate_table7: error: {error}")
+    run_command("replicate_table7", main, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import math
 import multiprocessing
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,8 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 
 from pnet import run_log as L
 from pnet.config import ConfigModel, PretrainConfig, load_config, parse_config, read_yaml, set_dotted
+from pnet.run_lock import exclusive_output
+from pnet.training import run_command
 
 ARMS = ("dense", "upcycled")
 STAGE_FILE = "stage.json"  # per stage folder: what ran, its wall time, peak RSS and load averages
@@ -214,10 +215,12 @@ def evaluate_stage(study_dict: dict[str, Any], model_dir: str, out_dir: str) -> 
     settings = study.evaluation
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # The stage runs again only when the runner has no record of it finishing: earlier files are partial.
     perplexity = evaluate_perplexity(model_dir, heldout_subset(study), max_length=settings.perplexity_max_length,
-                                     batch_size=settings.batch_size, dtype=settings.dtype, output_dir=out_dir)[0]
+                                     batch_size=settings.batch_size, dtype=settings.dtype, output_dir=out_dir,
+                                     overwrite=True)[0]
     zero_shot = evaluate(model_dir, settings.zero_shot_tasks, limit=settings.zero_shot_limit,
-                         batch_size=settings.batch_size, dtype=settings.dtype, output_dir=out_dir)[0]
+                         batch_size=settings.batch_size, dtype=settings.dtype, output_dir=out_dir, overwrite=True)[0]
     return {"perplexity": perplexity["files"], "zero_shot": zero_shot["tasks"],
             "zero_shot_wall_s": zero_shot["wall_time_s"]}
 
@@ -433,14 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                       f"precision {config.precision}, lr {config.lr:g}, output {config.output_dir}")
         print("stages: " + ", ".join(plan(study)))
         return None
-    return run(study, command)
+    with exclusive_output(root(study)):  # one runner per output root
+        return run(study, command)
 
 
-def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+def cli(argv: list[str] | None = None) -> None:
+    run_command("upcycle_smollm2", main, argv)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ always resumes and trains. ``--resume`` refuses settings that differ from the ch
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
 import re
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +30,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
 RUN_SETTINGS_FILE = "run_settings.json"
 WORLD_SIZE = "world_size"  # the pseudo-setting for the number of processes in run_settings.json
+DATA_FILES = "data_files"  # the pseudo-setting {local data file: content hash} in run_settings.json
 # Model config entries that say how a config was saved or loaded, not what the model computes.
 VOLATILE_MODEL_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map")
 
@@ -53,11 +58,12 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
-    """Write to ``path.tmp`` and rename, so a reader never sees a half-written file."""
+def write_json_atomic(path: str | os.PathLike, value: Any, **dump_options) -> None:
+    """Write to ``path.tmp`` and rename, so a reader never sees a half-written file (``dump_options``: `json.dump`'s,
+    e.g. ``default=``)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
+        json.dump(value, f, **{"indent": 1, **dump_options})
     os.replace(tmp, path)
 
 
@@ -135,6 +141,47 @@ class CheckpointSaver:
 
 # ------------------------------------------------------------------------------------------------------ resume
 
+def file_damage(path: Path) -> str | None:
+    """Why ``path``, a checkpoint file, cannot be read, from its structure alone (no tensor is loaded): a truncated or
+    garbled safetensors file (its header must parse and its data end where the file ends), torch zip file (its
+    central directory, at the end, must parse) or JSON file; None when it looks whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            header_size = struct.unpack("<Q", head)[0]
+            if header_size > size - 8:
+                return f"{size} bytes, cut inside its {header_size}-byte header"
+            try:
+                header = json.loads(f.read(header_size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                return "its safetensors header does not parse"
+            if 8 + header_size + end != size:
+                return f"{size} bytes where its header describes {8 + header_size + end}"
+            return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path):
+                return None
+        except zipfile.BadZipFile as error:
+            return f"a damaged torch file ({error})"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            return f"not JSON ({error})"
+    return "empty" if size == 0 else None
+
+
+def checkpoint_damage(checkpoint: Path) -> list[str]:
+    """``file: reason`` for every damaged file of a checkpoint (a disk that filled up, a copy cut short)."""
+    return [f"{path.relative_to(checkpoint)}: {reason}" for path in sorted(checkpoint.rglob("*"))
+            if path.is_file() and (reason := file_damage(path))]
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"data": {"seq_len": 8}} -> {"data.seq_len": 8}; lists stay values, empty mappings vanish."""
     flat = {}
@@ -147,11 +194,16 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 def run_settings(config: dict[str, Any], free_on_resume: Iterable[str], model_config: dict[str, Any],
-                 world_size: int) -> dict[str, Any]:
+                 world_size: int, data_files: Iterable[str] = ()) -> dict[str, Any]:
     """What fixes a run's math and data, saved in each checkpoint and compared by ``--resume``: the config without
-    the keys that are free on resume, the resolved model config (without how it was saved) and the number of
-    processes."""
+    the keys that are free on resume, the resolved model config (without how it was saved), the number of
+    processes and the content hash of each local data file (a file changed under a run is reported on resume)."""
     values = json.loads(json.dumps(config))
     for key in free_on_resume:
         *parents, last = key.split(".")
@@ -161,6 +213,8 @@ def run_settings(config: dict[str, Any], free_on_resume: Iterable[str], model_co
         node.pop(last, None)
     values["model_config"] = {k: v for k, v in model_config.items() if k not in VOLATILE_MODEL_KEYS}
     values[WORLD_SIZE] = world_size
+    if data_files:
+        values[DATA_FILES] = {path: file_sha256(path) for path in data_files}
     return values
 
 
@@ -186,9 +240,16 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], allowed: Iter
     change (the error says so even when they are allowed).
     """
     old, new = flatten(saved), flatten(current)
+    allowed = list(allowed)
+    names = {".".join(key.split(".")[:n]) for key in {*old, *new} for n in range(1, key.count(".") + 2)}
+    for key in allowed:  # a misspelt --allow-change would allow nothing and hide the typo
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=3)
+            raise ResumeError(f"--allow-change {key}: no such setting"
+                              + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                              + "; it names a config key (dotted, e.g. lr or data.seq_len) or a section (data)")
     differences = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
                    if old.get(key) != new.get(key)}
-    allowed = list(allowed)
 
     def is_allowed(key: str) -> bool:
         return any(key == a or key.startswith(f"{a}.") for a in allowed)
@@ -202,6 +263,10 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], allowed: Iter
         if flaggable:
             hint += ("\nTo resume anyway with the new values (recorded in the config and the log), pass "
                      + " ".join(f"--allow-change {key}" for key in flaggable) + ".")
+        if any(key.startswith(f"{DATA_FILES}.") for key in refused):
+            hint += (f"\nA {DATA_FILES} entry is a local data file whose content (sha256) changed since the checkpoint: "
+                     "the saved data position may now point at other documents. --allow-change data_files accepts "
+                     "every changed file.")
         if fixed_changes:
             hint += (f"\n{', '.join(fixed_changes)} cannot change on resume: each process's data position is saved "
                      "for its own rank. Resume with the same number of processes.")
@@ -219,6 +284,7 @@ class ResumePoint:
     tokens: int = 0  # training tokens before this point (pretraining)
     changes: dict[str, list[Any]] = field(default_factory=dict)  # {setting: [checkpoint's, now]} of this resume
     history: list[dict[str, Any]] = field(default_factory=list)  # every change of the run, earlier resumes first
+    recent_losses: list[float] = field(default_factory=list)  # the loss-spike guard's history at the checkpoint
 
 
 def find_resume_point(output_dir: str | os.PathLike, resume: bool, settings: dict[str, Any],
@@ -238,6 +304,14 @@ def find_resume_point(output_dir: str | os.PathLike, resume: bool, settings: dic
     if not checkpoints:
         raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir}")
     step, checkpoint = checkpoints[-1]
+    damage = checkpoint_damage(checkpoint)
+    if damage:
+        intact = next((c for _, c in reversed(checkpoints[:-1]) if not checkpoint_damage(c)), None)
+        advice = (f"The previous intact checkpoint is {intact}: to resume from it, move the damaged one aside "
+                  f"(mv {checkpoint} {checkpoint}.damaged) and run --resume again." if intact else
+                  "No earlier checkpoint is intact: start the run again in a new output_dir.")
+        raise ResumeError(f"--resume: the latest checkpoint {checkpoint} is damaged: " + "; ".join(damage[:5])
+                          + f". {advice}")
     if max_steps is not None and max_steps < step:
         raise ResumeError(f"max_steps={max_steps} is below the step of {checkpoint} ({step}); max_steps may only "
                           f"grow on resume (allowed: >= {step})")
@@ -249,4 +323,4 @@ def find_resume_point(output_dir: str | os.PathLike, resume: bool, settings: dic
     state = read_json(checkpoint / TRAINER_STATE_FILE)
     history = state.get("config_changes", []) + [
         {"step": step, "setting": key, "checkpoint": old, "now": new} for key, (old, new) in changes.items()]
-    return ResumePoint(step, checkpoint, state.get("tokens", 0), changes, history)
+    return ResumePoint(step, checkpoint, state.get("tokens", 0), changes, history, state.get("recent_losses", []))

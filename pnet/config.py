@@ -43,6 +43,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 UnitFloat = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
 OpenUnitFloat = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**32)]  # numpy's seeds: [0, 2**32)
 
 # Packaged `datasets` builders that read local `data_files`; their files are checked before training.
 LOCAL_BUILDERS = ("json", "parquet", "csv", "text", "arrow")
@@ -70,8 +71,8 @@ class TrainingConfig(ConfigModel):
 
     output_dir: str
     """folder for logs, checkpoints and the exported model"""
-    seed: NonNegativeInt = 0
-    """seed of weight init, data order and augmentation"""
+    seed: Seed = 0
+    """seed of weight init, data order and augmentation (0 <= seed < 2**32)"""
     micro_batch_size: PositiveInt
     """examples (sequences / images / sentences) per forward pass per process"""
     lr: PositiveFloat
@@ -98,6 +99,11 @@ class TrainingConfig(ConfigModel):
     """optimizer steps per training log record"""
     cpu_threads: PositiveInt | None = None
     """torch threads per process (null: torch's default)"""
+    loss_spike_factor: Annotated[float, Field(gt=1)] | None = 10.0
+    """stop like on a non-finite loss when a step's loss exceeds this multiple of the median of the last
+    loss_spike_window steps' losses: a finite divergence (null: off)"""
+    loss_spike_window: Annotated[int, Field(strict=True, ge=5)] = 50
+    """steps whose median loss the spike guard compares with (from the second step on)"""
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainingConfig:
@@ -120,7 +126,8 @@ class CheckpointedTrainingConfig(TrainingConfig):
     # Settings that may differ on --resume without --allow-change: they change what is logged and saved, not the
     # run's math or data. max_steps may grow (it must stay above the checkpoint's step).
     free_on_resume: ClassVar[tuple[str, ...]] = ("output_dir", "max_steps", "log_every", "eval_every",
-                                                 "save_every", "keep_last", "cpu_threads", "tensorboard")
+                                                 "save_every", "keep_last", "cpu_threads", "tensorboard",
+                                                 "loss_spike_factor", "loss_spike_window")
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
@@ -160,8 +167,12 @@ class SourceConfig(ConfigModel):
                 raise ValueError(f"data_files has no {split!r} entry; it has {sorted(self.data_files)}")
             patterns = self.data_files[split]
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                if not glob.glob(os.path.expanduser(pattern)):
+                matches = glob.glob(os.path.expanduser(pattern))
+                if not matches:
                     raise ValueError(f"data_files[{split!r}]: no file matches {pattern!r} (relative to {os.getcwd()})")
+                if folders := [m for m in matches if os.path.isdir(m)]:
+                    raise ValueError(f"data_files[{split!r}]: {pattern!r} matches the folder {folders[0]!r}; data "
+                                     f"files must be files (e.g. {os.path.join(folders[0], '*.jsonl.gz')!r})")
         return self
 
     def files(self, split: str) -> list[str]:
@@ -321,7 +332,7 @@ class TrainSubsetConfig(ConfigModel):
 
     fraction: Annotated[float, Field(gt=0, le=1)]
     """share of each class's training examples kept (round(fraction x count), at least 1); 1: all"""
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     """seed of the draw, independent of the run's seed"""
 
 

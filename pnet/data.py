@@ -34,10 +34,12 @@ keeps going on the remaining sources, so late shares drift from the weights.
 
 from __future__ import annotations
 
+import csv
 import functools
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -65,6 +67,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 # ------------------------------------------------------------------------------------------- record checks
 
+def undecodable(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (and so cannot be tokenised), or None: an invalid byte of the file
+    (read with ``surrogateescape``: U+DC80..U+DCFF) or a lone surrogate from a JSON escape such as ``"\\ud800"``."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"invalid UTF-8 byte 0x{code - 0xDC00:02x} at character {error.start + 1}"
+        return (f"a lone surrogate \\u{code:04x} at character {error.start + 1} (not a character: UTF-8 cannot hold "
+                "it and the tokenizer rejects it)")
+
+
 def record_problem(record: Any, text_field: str) -> str | None:
     """Why ``record`` (a parsed JSON value / a row) has no usable text, or None when it has."""
     if not isinstance(record, dict):
@@ -76,6 +92,8 @@ def record_problem(record: Any, text_field: str) -> str | None:
         return f"field {text_field!r} is null"
     if not isinstance(value, str):
         return f"field {text_field!r} is {type(value).__name__} {value!r:.40}, not a string"
+    if (problem := undecodable(value)) is not None:
+        return f"field {text_field!r} holds {problem}"
     return None
 
 
@@ -83,6 +101,8 @@ def parse_json_line(line: str, text_field: str) -> tuple[str | None, str | None]
     """(text, problem) of one JSON Lines line; a blank line is (None, None)."""
     if not line.strip():
         return None, None
+    if (problem := undecodable(line)) is not None:
+        return None, problem
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -102,26 +122,75 @@ class RecordCheck:
     examples: tuple[str, ...]  # "file, line N: problem" of the first bad records
 
 
+# An invalid UTF-8 byte is kept as one escaped character of its line (``surrogateescape``), so that it makes one bad
+# record, named by line, instead of a decode error for the whole file. The JSON Lines stream reads the same way.
+ENCODING_ERRORS = "surrogateescape"
+UNREADABLE = (OSError, EOFError, zlib.error)  # a garbled or truncated .gz, an unreadable file
+
+
 def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors=ENCODING_ERRORS)
+    return open(path, encoding="utf-8", errors=ENCODING_ERRORS, newline="")
+
+
+def _unreadable(path: str, line: int, error: Exception) -> DataRecordError:
+    return DataRecordError(f"{path}: cannot be read after line {line}: {error}. data.on_bad_record=skip skips bad "
+                           "records, not damaged files: replace the file or remove it from data_files")
+
+
+class _Scan:
+    """Counts of one file's records, with the first problems."""
+
+    def __init__(self) -> None:
+        self.records, self.bad, self.examples = 0, 0, []
+
+    def add(self, where: str, problem: str | None) -> None:
+        self.records += 1
+        if problem:
+            self.bad += 1
+            if len(self.examples) < MAX_BAD_RECORD_EXAMPLES:
+                self.examples.append(f"{where}: {problem}")
+
+    def result(self, path: str) -> tuple[int, int, tuple[str, ...]]:
+        if not self.records:  # an export that failed, or the wrong file: never silently part of the mix
+            raise DataRecordError(f"{path}: no records (an empty shard); remove it from data_files or replace it")
+        return self.records, self.bad, tuple(self.examples)
 
 
 @functools.lru_cache(maxsize=64)
 def _scan_jsonl(path: str, mtime: float, text_field: str) -> tuple[int, int, tuple[str, ...]]:
     """(records, bad records, first problems) of one JSON Lines file (cached per file version)."""
-    records = bad = 0
-    examples: list[str] = []
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            text, problem = parse_json_line(line, text_field)
-            if text is None and problem is None:
-                continue
-            records += 1
-            if problem:
-                bad += 1
-                if len(examples) < MAX_BAD_RECORD_EXAMPLES:
-                    examples.append(f"{path}, line {number}: {problem}")
-    return records, bad, tuple(examples)
+    scan, number = _Scan(), 0
+    try:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, start=1):
+                text, problem = parse_json_line(line, text_field)
+                if text is not None or problem is not None:
+                    scan.add(f"{path}, line {number}", problem)
+    except UNREADABLE as error:
+        raise _unreadable(path, number, error) from None
+    return scan.result(path)
+
+
+def _scan_csv(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]]:
+    """CSV as datasets' csv builder (pandas) reads it: an empty cell is a null text."""
+    scan, number = _Scan(), 1
+    try:
+        with _open_text(path) as f:
+            reader = csv.DictReader(f)
+            if text_field not in (reader.fieldnames or []):
+                return 1, 1, (f"{path}, line 1: no column {text_field!r} (columns: {reader.fieldnames})",)
+            for row in reader:
+                number = reader.line_num
+                value = row[text_field]
+                if value is not None and (problem := undecodable(value)):  # pandas decodes whole blocks: no skip
+                    raise DataRecordError(f"{path}, line {number}: {problem}. The CSV reader cannot skip one row "
+                                          "of a file with invalid UTF-8: fix the file")
+                scan.add(f"{path}, line {number}", f"field {text_field!r} is an empty cell" if not value else None)
+    except UNREADABLE as error:
+        raise _unreadable(path, number, error) from None
+    return scan.result(path)
 
 
 def _scan_parquet(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]]:
@@ -148,7 +217,7 @@ def check_records(name: str, source: SourceConfig, split: str, on_bad_record: st
     checked as they stream). JSON Lines: each line must be a JSON object whose ``text_field`` is a string;
     parquet: each file must have ``text_field`` as a string column, without nulls. With ``on_bad_record`` "error"
     the first bad record raises `DataRecordError` naming file, line and field; with "skip" they are counted."""
-    if source.path not in ("json", "parquet"):
+    if source.path not in ("json", "parquet", "csv"):
         return None
     files = source.files(split)
     records = bad = 0
@@ -156,6 +225,8 @@ def check_records(name: str, source: SourceConfig, split: str, on_bad_record: st
     for path in files:
         if source.path == "json":
             n, n_bad, found = _scan_jsonl(path, os.path.getmtime(path), source.text_field)
+        elif source.path == "csv":
+            n, n_bad, found = _scan_csv(path, source.text_field)
         else:
             n, n_bad, found = _scan_parquet(path, source.text_field)
         records, bad = records + n, bad + n_bad
@@ -188,7 +259,8 @@ def open_source(name: str, source: SourceConfig, split: str, on_bad_record: str 
     check_records(name, source, split, on_bad_record)  # local files: every record, before streaming
     where = f"data source {name!r} ({source.path}, split {split!r})"
     if source.path == "json":
-        dataset = load_dataset("text", data_files=source.data_files, split=split, streaming=True)
+        dataset = load_dataset("text", data_files=source.data_files, split=split, streaming=True,
+                               encoding_errors=ENCODING_ERRORS)
 
         def to_records(batch: dict[str, list]) -> dict[str, list]:
             texts, bad = [], []

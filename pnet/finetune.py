@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,7 +36,6 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pnet import run_log as L
-from pnet.checkpoint import ResumeError
 from pnet.config import (
     ConfigError,
     FinetuneSst2Config,
@@ -47,8 +45,13 @@ from pnet.config import (
     hub_is_offline,
     load_config,
 )
-from pnet.model_loading import prepare_tokenizer_for_model, read_config_dict, trust_remote_code_for
-from pnet.training import Plan, Task, classifier_metrics, run
+from pnet.model_loading import (
+    check_checkpoint_weights,
+    prepare_tokenizer_for_model,
+    read_config_dict,
+    trust_remote_code_for,
+)
+from pnet.training import Plan, Task, classifier_metrics, run, run_command
 
 LABEL_HUB = "SST-2 (validation)"
 LABEL_OFFLINE_HELDOUT = "SST-2 (held-out half of validation, offline)"
@@ -155,6 +158,7 @@ class SequenceClassificationTask(Task):
             self.train_set = self.train_set.select(range(min(data.max_train_samples, len(self.train_set))))
         if data.max_eval_samples:
             self.eval_set = self.eval_set.select(range(min(data.max_eval_samples, len(self.eval_set))))
+        check_checkpoint_weights(config.model, self.trust, head="sequence-classification")
         model_config = AutoConfig.from_pretrained(config.model, trust_remote_code=self.trust)
         model_config.num_labels = 2
         model_config.id2label, model_config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
@@ -268,10 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except (ConfigError, ResumeError, FileExistsError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"finetune_sst2: error: {error}")
+    run_command("finetune_sst2", main, argv)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
 
     from pnet.checkpoint import publish_dir
     from pnet.model_loading import prepare_tokenizer_for_model
-    from pnet.upcycle import file_sha256, max_logit_difference
+    from pnet.checkpoint import file_sha256
+    from pnet.upcycle import max_logit_difference
 
     folder, name = str(gguf_file.parent), gguf_file.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

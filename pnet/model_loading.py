@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
@@ -120,6 +122,71 @@ def trust_remote_code_for(model: str, trust_remote_code: bool = False,
                          "provides; loading it means running the Python code in the folder (auto_map). Pass "
                          "--trust-remote-code if you trust that code.")
     raise ValueError(f"{model}: unknown model_type {model_type!r} and no auto_map: transformers cannot load it")
+
+
+class CheckpointKeysError(ValueError):
+    """A checkpoint whose weights do not match its model: loading it would random-initialise or drop weights."""
+
+
+def saved_weight_names(folder: str | Path) -> set[str] | None:
+    """The tensor names of a folder's safetensors weights (one file or an index of shards), read from the headers
+    alone; None when the folder has no safetensors weights."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    if not (folder / "model.safetensors").is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        return set(weights.keys())
+
+
+def weight_key_problems(model, saved: set[str], allowed_missing: typing.Iterable[str] = (),
+                        allowed_unexpected: typing.Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) weight names of a checkpoint holding ``saved`` for ``model`` (built on any device, meta
+    included). Tied weights (e.g. lm_head and the embedding) count as present when one of their names is saved;
+    names starting with an ``allowed_*`` prefix are expected to differ (a new classification head)."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_by_tensor.setdefault(id(tensor), []).append(name)
+    known = {name for names in names_by_tensor.values() for name in names}
+    missing = sorted(names[0] for names in names_by_tensor.values()
+                     if not saved.intersection(names) and not names[0].startswith(tuple(allowed_missing)))
+    unexpected = sorted(name for name in saved - known if not name.startswith(tuple(allowed_unexpected)))
+    return missing, unexpected
+
+
+def check_checkpoint_weights(model: str, trust_remote_code: bool = False, head: str = "causal-lm") -> None:
+    """Refuse, before loading, a model folder whose safetensors weights miss some of the model's weights or hold
+    others: transformers would random-initialise the missing ones (e.g. a deleted ``q_proj``) and evaluate or train
+    on them with only a line in its load report. The model is built on the meta device from the folder's config
+    (no memory, no weights read). ``head`` "sequence-classification" allows the new ``score`` head and the unused
+    ``lm_head`` of a causal-LM checkpoint. Folders without safetensors weights (a Hub id) are not checked here."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    saved = saved_weight_names(model) if Path(model).is_dir() else None
+    if saved is None:
+        return
+    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
+    register_installed_models()
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    allowed = {"allowed_missing": ["score."], "allowed_unexpected": ["lm_head."]} if head != "causal-lm" else {}
+    missing, unexpected = weight_key_problems(skeleton, saved, **allowed)
+    if missing or unexpected:
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        raise CheckpointKeysError(
+            f"{model}: its weights do not match its config: "
+            + "; ".join(part for part in (f"missing {len(missing)}: {names(missing)}" if missing else "",
+                                          f"unexpected {len(unexpected)}: {names(unexpected)}" if unexpected else "")
+                        if part)
+            + ". Loading it would random-initialise or drop those weights; re-export the model (or restore the file)")
 
 
 def prepare_tokenizer_for_model(tokenizer: PreTrainedTokenizerBase,

@@ -22,7 +22,6 @@ unless each is named with ``--allow-change`` (then recorded in the config and th
 from __future__ import annotations
 
 import argparse
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,7 +31,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from pnet import run_log as L
-from pnet.checkpoint import ResumeError, read_json
+from pnet.checkpoint import read_json
 from pnet.config import (
     ConfigError,
     PretrainConfig,
@@ -42,15 +41,14 @@ from pnet.config import (
     load_config,
 )
 from pnet.data import (
-    DataRecordError,
     PackedBatchIterator,
     build_train_stream,
     build_validation_sets,
     check_data,
     load_tokenizer,
 )
-from pnet.model_loading import prepare_tokenizer_for_model, trust_remote_code_for
-from pnet.training import Plan, Task, run
+from pnet.model_loading import check_checkpoint_weights, prepare_tokenizer_for_model, trust_remote_code_for
+from pnet.training import Plan, Task, run, run_command
 
 CONFIG_FILE = "pretrain_config.yaml"  # the resolved config beside the run's outputs (and in final/, for model cards)
 DATA_STATE_FILE = "data_state_rank{rank}.json"
@@ -87,7 +85,14 @@ class CausalLMTask(Task):
                     tokens_per_step=config.global_batch_tokens)
 
     def check_data(self) -> list:
+        if self.config.init_from is not None:  # its weights, before they load: none missing, none unexpected
+            check_checkpoint_weights(self.config.init_from, trust_remote_code_for(self.config.init_from))
         return check_data(self.config.data)  # every record of the local data files
+
+    def data_files(self) -> list[str]:
+        return [path for source in self.config.data.sources.values()
+                for split in dict.fromkeys([source.train_split, source.validation_split]) if split is not None
+                for path in source.files(split)]
 
     def build_model(self, model_config) -> torch.nn.Module:
         """fp32 causal LM: random init from the model file, or the init_from folder's weights (loaded with the
@@ -208,11 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """``main`` for the command line: a bad setting or record ends with its message, not a traceback."""
-    try:
-        main(argv)
-    except (ConfigError, ResumeError, DataRecordError, FileExistsError, FileNotFoundError) as error:
-        sys.exit(f"pretrain: error: {error}")
+    run_command("pretrain", main, argv)
 
 
 if __name__ == "__main__":

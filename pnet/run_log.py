@@ -55,7 +55,7 @@ EVENT_RESUME = "resume"
 EVENT_DATA_CHECK = "data_check"
 CHECKPOINT = "checkpoint"  # resume: the checkpoint folder resumed from
 CHANGES = "changes"  # resume: {setting: [value in the checkpoint, value now]} allowed with --allow-change
-BAD_RECORDS = "bad_records"  # data_check: {source: count}
+BAD_RECORDS = "bad_records"  # data_check: {source: {split: count}}
 BAD_RECORD_EXAMPLES = "bad_record_examples"  # data_check: the first few "file:line: problem" descriptions
 
 

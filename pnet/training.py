@@ -7,26 +7,30 @@ export. A `Task` supplies what differs: the model, the batches, the loss terms, 
 
 A run, in order (every check that can fail runs before the model is built):
 
-1. the accelerator and the output folder;
+1. the accelerator and the output folder, locked for this run (`pnet.run_lock`: a second run refuses at once);
 2. ``task.plan``: step counts and the model config, checked against this world size;
 3. the resume point (`pnet.checkpoint.find_resume_point`): changed settings are refused unless allowed;
 4. ``task.check_data``: every record of the local data files;
 5. the model (``task.build_model``), the optimizer and schedule, ``task.prepare`` (data pipelines, EMA), the
    checkpoint's state;
 6. the loop: per step the micro-batches of ``task.step_batches``, ``task.loss``, backward, the clipped norm, the
-   non-finite guard, the update; log windows, evaluations (``task.evaluate``) and checkpoints at their cadence;
+   divergence guard (a non-finite loss or gradient norm, or a loss spike), the update; log windows, evaluations (``task.evaluate``) and checkpoints at their cadence;
 7. the export of ``final/`` (``task.save_final``), written beside and renamed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import statistics
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
@@ -37,6 +41,7 @@ from transformers import get_scheduler
 from pnet import run_log as L
 from pnet.checkpoint import (
     CheckpointSaver,
+    ResumeError,
     ResumePoint,
     change_history_header,
     find_resume_point,
@@ -46,9 +51,13 @@ from pnet.checkpoint import (
     write_yaml_atomic,
 )
 from pnet.config import CheckpointedTrainingConfig, ConfigError, TrainingConfig
+from pnet.data import DataRecordError
+from pnet.model_loading import CheckpointKeysError
 from pnet.plots import plot_training
+from pnet.run_lock import OutputLockedError, OutputNotWritableError, exclusive_output
 
 FINAL_DIR = "final"
+SPIKE_MIN_HISTORY = 1  # steps of loss history before the spike guard judges a step (a 10x rise is never healthy)
 FSDP_NEEDS_GPUS = (
     "FSDP needs GPUs (or another accelerator): accelerate enables FSDP only for accelerator process groups, never for "
     "CPU processes, so on CPU the processes would train unconnected. On CPU use DDP "
@@ -84,6 +93,11 @@ class Task:
     def check_data(self) -> list:
         """Check the data before the model is built; returns `pnet.data.DataCheck`-like results (``source``,
         ``split``, ``records``, ``bad``, ``examples``), logged as a ``data_check`` event when any is bad."""
+        return []
+
+    def data_files(self) -> list[str]:
+        """The local data files the run reads: their content hashes join the run settings, so a file that changed
+        between a checkpoint and ``--resume`` is reported."""
         return []
 
     def build_model(self, model_config) -> torch.nn.Module:
@@ -255,6 +269,8 @@ class _Run:
         self.save_every = config.save_every if plan.save_every is None else plan.save_every
         self.log: L.JsonlLog | None = None
         self.saver = CheckpointSaver(accelerator, self.output_dir, config.keep_last)
+        # The spike guard's history, saved in each checkpoint: a resumed run judges its steps as the first run would.
+        self.recent_losses = deque(start.recent_losses, maxlen=config.loss_spike_window)
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def build(self, data_checks: list) -> None:
@@ -295,7 +311,10 @@ class _Run:
             if start.checkpoint is not None:
                 self.log.write({L.STEP: start.step, L.EVENT: L.EVENT_RESUME, L.CHECKPOINT: start.checkpoint.name,
                                 L.CHANGES: start.changes})
-            bad = {c.source: c.bad for c in data_checks if c.bad}
+            bad: dict[str, dict[str, int]] = {}  # per source and split: a validation count must not hide a train one
+            for check in data_checks:
+                if check.bad:
+                    bad.setdefault(check.source, {})[check.split] = check.bad
             if bad:
                 self.log.write({L.STEP: start.step, L.EVENT: L.EVENT_DATA_CHECK, L.BAD_RECORDS: bad,
                                 L.BAD_RECORD_EXAMPLES: [e for c in data_checks for e in c.examples]})
@@ -327,13 +346,13 @@ class _Run:
         means = accelerator.reduce(sums / len(micro_batches), reduction="mean")
         # The norm is computed (and logged) even without clipping: max_norm inf scales the gradients by exactly 1.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm or float("inf"))
-        finite_norm = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))  # None: DeepSpeed's own
-        if not torch.isfinite(means).all() or not finite_norm:
+        divergence = self.divergence(step, means, grad_norm)
+        if divergence:
             self.saver.discard()  # its weights are the ones that just gave this loss / gradient
             raise FloatingPointError(
-                f"non-finite loss {means[0].item()} or gradient norm {float(grad_norm or 0)} at step {step}; stopped "
-                f"before the update. Last good checkpoint: {self.saver.last_published() or 'none'} (--resume "
-                "continues from it, e.g. with a lower lr: lr=... --allow-change lr)")
+                f"{divergence}; stopped before the update. Last good checkpoint: "
+                f"{self.saver.last_published() or 'none'} (--resume continues from it, e.g. with a lower lr: lr=... "
+                "--allow-change lr)")
         self.saver.publish()  # the pending checkpoint's weights gave this finite step: it resumes and trains
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         self.optimizer.step()
@@ -341,6 +360,21 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.task.after_update(accelerator.unwrap_model(model))
         return means, grad_norm, lr
+
+    def divergence(self, step: int, means: torch.Tensor, grad_norm) -> str | None:
+        """Why this step must not update the weights, or None: a non-finite loss or gradient norm, or a loss above
+        ``loss_spike_factor`` times the median of the recent steps' losses (a finite blow-up, e.g. 10.4 -> 1077)."""
+        finite_norm = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))  # None: DeepSpeed's own
+        loss = means[0].item()
+        if not torch.isfinite(means).all() or not finite_norm:
+            return f"non-finite loss {loss} or gradient norm {float(grad_norm or 0)} at step {step}"
+        factor, history = self.config.loss_spike_factor, self.recent_losses
+        if factor is not None and len(history) >= SPIKE_MIN_HISTORY and loss > factor * statistics.median(history):
+            return (f"loss spike at step {step}: loss {loss:.4g} is above loss_spike_factor={factor} times "
+                    f"{statistics.median(history):.4g}, the median loss of the last {len(history)} steps (the run "
+                    "diverges; loss_spike_factor=null turns this guard off)")
+        history.append(loss)
+        return None
 
     def tokens(self, step: int) -> int | None:
         if not self.plan.tokens_per_step:
@@ -399,7 +433,8 @@ class _Run:
             if step % self.eval_every == 0 or last:
                 metrics = self.evaluate(step, final=last)
             if (self.save_every and step % self.save_every == 0) or last:
-                trainer_state = {"step": step, "config_changes": self.start.history}
+                trainer_state = {"step": step, "config_changes": self.start.history,
+                                 "recent_losses": list(self.recent_losses)}
                 if plan.tokens_per_step:
                     trainer_state["tokens"] = self.tokens(step)
                 self.saver.save(step, trainer_state=trainer_state,
@@ -433,17 +468,24 @@ def run(task: Task, config: CheckpointedTrainingConfig, resume: bool = False, al
     """Train (or resume) ``task`` with the shared settings of ``config``; see the module docstring for the order."""
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)  # a shared CPU is faster with fewer, uncontended threads
+    accelerator = make_accelerator(config.precision, task.output_dir, getattr(config, "tensorboard", False), cpu=cpu)
+    # The main process holds the output folder for the whole run (the other processes write there under it).
+    lock = exclusive_output(task.output_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _locked_run(task, config, accelerator, resume, allow_changes, export)
+
+
+def _locked_run(task: Task, config: CheckpointedTrainingConfig, accelerator: Accelerator, resume: bool,
+                allow_changes: Sequence[str], export: bool) -> Outcome:
     output_dir = task.output_dir
-    accelerator = make_accelerator(config.precision, output_dir, getattr(config, "tensorboard", False), cpu=cpu)
     plan = task.plan(accelerator)
     accelerator.gradient_accumulation_steps = plan.grad_accum
     configure_deepspeed(accelerator, plan, config.max_grad_norm)
 
     settings = run_settings(config.to_dict(), config.free_on_resume, plan.model_config.to_dict(),
-                            accelerator.num_processes)
+                            accelerator.num_processes, task.data_files())
     start = find_resume_point(output_dir, resume, settings, allow_changes, plan.max_steps)
     data_checks = task.check_data()
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     state = _Run(task, config, accelerator, plan, start, settings)
     state.build(data_checks)
@@ -458,3 +500,23 @@ def run(task: Task, config: CheckpointedTrainingConfig, resume: bool = False, al
     return Outcome(steps=plan.max_steps, final_eval=final_eval, final_dir=final_dir,
                    train_time_s=round(time.perf_counter() - state.start_time, 1), accelerator=accelerator,
                    model=accelerator.unwrap_model(state.model))
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+
+# What a user fixes by changing a setting, a file, a flag or the learning rate: a command ends with the message alone.
+USER_ERRORS = (ConfigError, ResumeError, DataRecordError, CheckpointKeysError, FileExistsError, FileNotFoundError,
+               OutputLockedError, OutputNotWritableError, FloatingPointError)
+
+
+def run_command(prog: str, main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """``main(argv)`` for a command line: a user error prints ``prog: error: <message>`` once (under ``accelerate
+    launch`` from the first process only: every process stops alike) and exits with status 1, without a traceback.
+    (``accelerate launch`` then adds its own report of the failed command unless given ``-q``; torchrun, with several
+    processes, adds its summary of the failed ranks.)"""
+    try:
+        main(argv)
+    except USER_ERRORS as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)

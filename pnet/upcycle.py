@@ -18,12 +18,13 @@ training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from pnet.checkpoint import file_sha256
+from pnet.run_lock import OutputLockedError, OutputNotWritableError, exclusive_output
 from pnet.run_log import UPCYCLING_FILE
 
 # Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `--help` and argument
@@ -133,11 +134,6 @@ def local_name(llama: str) -> str:
     return path.resolve().name if path.is_dir() else llama
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list[str],
             expert_output_scaling: str = "straight_through", overwrite: bool = False, shared_router: bool = False,
             perturb_fraction: float = 0.0, seed: int = 0) -> dict:
@@ -147,6 +143,14 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
     check_arguments(num_experts, projections, expert_output_scaling, perturb_fraction)
     out_dir = Path(out_dir)
     check_paths(llama, out_dir, overwrite)
+    # OUT_DIR is replaced whole (written beside, then renamed), so its lock is a file beside it.
+    with exclusive_output(out_dir, lock_path=out_dir.with_name(f".{out_dir.name}.pnet-upcycle.lock")):
+        return _upcycle(llama, out_dir, num_experts, projections, expert_output_scaling, shared_router,
+                        perturb_fraction, seed)
+
+
+def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str], expert_output_scaling: str,
+             shared_router: bool, perturb_fraction: float, seed: int) -> dict:
     dense_config = load_dense_config(llama)
     if dense_config.model_type != "llama":
         raise ValueError(f"{llama}: model_type {dense_config.model_type!r}; pnet-upcycle takes a dense LLaMA "
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = upcycle(args.llama, args.out_dir, args.num_experts, args.projections, args.expert_output_scaling,
                           args.overwrite, args.shared_router, args.perturb_fraction, args.seed)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, OutputLockedError, OutputNotWritableError) as error:
         parser.error(str(error))
     print(f"{summary['out_dir']}: {summary['dense_parameters']:,} -> {summary['upcycled_parameters']:,} parameters; "
           f"max |logit difference| to the dense model on a probe batch: {summary['max_logit_difference']:.2e}")

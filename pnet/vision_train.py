@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +33,6 @@ from transformers import AutoModelForImageClassification
 
 from modeling_parameternet import ParameterNetImageProcessor
 from pnet import run_log as L
-from pnet.checkpoint import ResumeError
 from pnet.config import (
     ConfigError,
     VisionTrainConfig,
@@ -43,7 +41,7 @@ from pnet.config import (
     config_argument_parser,
     load_config,
 )
-from pnet.training import Plan, Task, classifier_metrics, run
+from pnet.training import Plan, Task, classifier_metrics, run, run_command
 from pnet.vision_counting import count_vision
 from pnet.vision_data import (
     AugmentedDataset,
@@ -242,10 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except (ConfigError, ResumeError, FileExistsError, FileNotFoundError) as error:
-        sys.exit(f"train_vision: error: {error}")
+    run_command("train_vision", main, argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ PATH="$PWD/.venv/bin:$PATH"
 resume=()
 if compgen -G "$RUN/checkpoint-*" >/dev/null; then resume=(--resume); fi  # a killed quickstart continues
 if [ ! -f "$RUN/final/model.safetensors" ]; then
-    accelerate launch --config_file configs/accelerate/single-process.yaml \
+    accelerate launch -q --config_file configs/accelerate/single-process.yaml \
         scripts/pretrain.py --config configs/pretrain/tiny-cpu.yaml "output_dir=$RUN" "${resume[@]}"
 fi
 limit=(); if [ "$EVAL_LIMIT" != 0 ]; then limit=(--limit "$EVAL_LIMIT"); fi
-pnet-eval "$RUN/final" --data-dir bundled --batch-size 16 "${limit[@]}"
+pnet-eval "$RUN/final" --data-dir bundled --batch-size 16 "${limit[@]}" --overwrite   # a rerun scores again
 pnet-report "$RUN/final" --out "$RUN/table7.md"
 pnet-card "$RUN/final"
 echo "done: model $RUN/final (README.md = model card), table $RUN/table7.md, training plot $RUN/training.png"

@@ -191,7 +191,7 @@ def test_empty_source_and_missing_text_field(tmp_path, repo_root, tokenizer):
     other = tmp_path / "other.jsonl.gz"
     with gzip.open(other, "wt") as f:
         f.write(json.dumps({"content": "x" * 500}) + "\n")
-    with pytest.raises(ValueError, match="'only' .* is empty"):
+    with pytest.raises(DataRecordError, match=f"{empty}: no records \\(an empty shard\\); remove it from data_files"):
         build_train_stream(single_source(repo_root, empty), tokenizer, seed=0)
     with pytest.raises(DataRecordError, match=f"{other}, line 1: no field 'text' \\(fields: \\['content'\\]\\)"):
         build_train_stream(single_source(repo_root, other), tokenizer, seed=0)
@@ -291,3 +291,95 @@ def test_tokenizer_without_eos_is_an_error(tmp_path, tokenizer):
         special.unlink()
     with pytest.raises(ValueError, match="has no EOS token"):
         load_tokenizer(str(tmp_path))
+
+
+# ------------------------------------------------------------------------- bad input found up front (issue 20)
+
+def write_lines(path, lines: list[bytes]) -> None:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+
+
+GOOD_LINES = [json.dumps(record).encode() for record in GOOD]
+BAD_LINES = {  # a raw line at line 71 -> what the error names (the record is skippable)
+    "invalid_utf8": (b'{"text": "caf\xe9 au lait"}', "line 71: invalid UTF-8 byte 0xe9 at character 14"),
+    "lone_surrogate": (b'{"text": "half a pair \\ud800 here"}',
+                       r"line 71: field 'text' holds a lone surrogate \\ud800 at character 13"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_undecodable_records_are_named_by_line_or_skipped_like_the_stream_skips_them(kind, tmp_path, repo_root,
+                                                                                      tokenizer):
+    """An invalid UTF-8 byte (also with skip) and an escaped lone surrogate, which the tokenizer rejects, gave raw
+    tracebacks, some after the model was built."""
+    line, message = BAD_LINES[kind]
+    shard = tmp_path / "bad.jsonl.gz"
+    write_lines(shard, GOOD_LINES[:70] + [line] + GOOD_LINES[70:])
+    with pytest.raises(DataRecordError, match=f"data source 'only' \\(train\\): {shard}, {message}"):
+        check_data(single_source(repo_root, shard))
+    config = single_source(repo_root, shard, on_bad_record="skip")
+    [check] = check_data(config)
+    assert (check.records, check.bad) == (101, 1)
+    write_lines(tmp_path / "clean.jsonl.gz", GOOD_LINES)
+    clean = PackedBatchIterator(build_train_stream(single_source(repo_root, tmp_path / "clean.jsonl.gz"), tokenizer,
+                                                   seed=0), 4)
+    skipping = PackedBatchIterator(build_train_stream(config, tokenizer, seed=0), 4)
+    with pytest.raises(DataExhaustedError):
+        while True:
+            assert torch.equal(skipping.next_batch(), clean.next_batch())
+    assert skipping.skipped_records == {"only": 1}
+
+
+def damaged_gzip(path) -> None:
+    write_lines(path, GOOD_LINES)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+DAMAGED_FILES = {  # a file -> what the error says; skip cannot help
+    "garbage_gz": (lambda p: p.write_bytes(b"this is not gzip data at all\n" * 10), "cannot be read after line 0: "),
+    "truncated_gz": (damaged_gzip, "cannot be read after line \\d+: Compressed file ended"),
+    "empty_shard": (lambda p: write_lines(p, [b""]), "no records \\(an empty shard\\)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_FILES))
+@pytest.mark.parametrize("on_bad_record", ["error", "skip"])
+def test_damaged_files_are_named_before_anything_is_built(kind, on_bad_record, tmp_path, repo_root):
+    write_lines(tmp_path / "train-0.jsonl.gz", GOOD_LINES)
+    make, message = DAMAGED_FILES[kind]
+    make(tmp_path / "train-1.jsonl.gz")
+    with pytest.raises(DataRecordError, match=f"{tmp_path / 'train-1.jsonl.gz'}: {message}"):
+        check_data(single_source(repo_root, tmp_path / "train-*.jsonl.gz", on_bad_record=on_bad_record))
+
+
+def test_a_csv_empty_cell_is_named_by_line_or_skipped(tmp_path, repo_root, tokenizer):
+    rows = [f"{i},document number {i} {'words ' * 20}" for i in range(100)]
+    (tmp_path / "bad.csv").write_text("id,text\n" + "\n".join(rows[:40] + ["40,"] + rows[40:]) + "\n")
+    (tmp_path / "clean.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+
+    def csv_source(name, **extra):
+        config = single_source(repo_root, tmp_path / name, **extra)
+        config.sources["only"].path = "csv"
+        return config
+
+    with pytest.raises(DataRecordError, match=f"{tmp_path / 'bad.csv'}, line 42: field 'text' is an empty cell"):
+        check_data(csv_source("bad.csv"))
+    [check] = check_data(csv_source("bad.csv", on_bad_record="skip"))
+    assert (check.records, check.bad) == (101, 1)
+    clean = PackedBatchIterator(build_train_stream(csv_source("clean.csv"), tokenizer, seed=0), 4)
+    skipping = PackedBatchIterator(build_train_stream(csv_source("bad.csv", on_bad_record="skip"), tokenizer, seed=0), 4)
+    with pytest.raises(DataExhaustedError):
+        while True:
+            assert torch.equal(skipping.next_batch(), clean.next_batch())
+    assert skipping.skipped_records == {"only": 1}
+
+
+def test_a_folder_matching_the_glob_is_a_config_error(tmp_path, repo_root):
+    write_lines(tmp_path / "train-0.jsonl.gz", GOOD_LINES)
+    (tmp_path / "train-old.jsonl.gz").mkdir()
+    with pytest.raises(ConfigError, match=f"'train-\\*.jsonl.gz' matches the folder '{tmp_path / 'train-old.jsonl.gz'}'"
+                                          "; data files must be files"):
+        single_source(repo_root, tmp_path / "train-*.jsonl.gz")

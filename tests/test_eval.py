@@ -411,3 +411,127 @@ def test_report_help_shows_defaults(capsys):
         report.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "HellaSwag (default: acc)" in help_text and "training loss (default: 10)" in help_text
+
+
+# ------------------------------------------------------------------------------- results never lost (issue 20)
+
+def test_results_folders_are_distinct_and_name_a_run_not_its_final(tmp_path):
+    from pnet_eval.perplexity import results_dirs
+
+    folders = [tmp_path / "runs/a/final", tmp_path / "runs/b/final", tmp_path / "p/x/m", tmp_path / "q/x/m"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    dirs = results_dirs([str(f) for f in folders], tmp_path / "O")
+    assert [dirs[str(f)].name for f in folders] == ["a-final", "b-final", "p-x-m", "q-x-m"]
+    assert results_dirs([str(folders[0])], None) == {str(folders[0]): folders[0]}  # no --output-dir: the folder
+
+
+def _no_evaluation(monkeypatch):
+    import lm_eval
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated although the results could not be written")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", refuse)
+
+
+def test_two_runs_final_folders_keep_both_results(tiny_pnet_dir, fixture_data_dir, tmp_path):
+    """`pnet-eval a/final b/final --output-dir O` wrote both to O/final: the second overwrote the first."""
+    finals = [tmp_path / run / "final" for run in ("a", "b")]
+    for final in finals:
+        shutil.copytree(tiny_pnet_dir, final)
+    zero_shot.evaluate([str(f) for f in finals], tasks="boolq", data_dir=fixture_data_dir, limit=2, batch_size=2,
+                       device="cpu", output_dir=tmp_path / "O")
+    for run, final in zip("ab", finals):
+        written = json.loads((tmp_path / "O" / f"{run}-final" / zero_shot.RESULTS_FILE).read_text())
+        assert written["model_dir"] == str(final.resolve())
+
+
+def test_an_unwritable_results_folder_fails_before_evaluating(tiny_pnet_dir, fixture_data_dir, tmp_path,
+                                                             monkeypatch):
+    from pnet_eval import perplexity
+
+    _no_evaluation(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=f"go to {tmp_path / 'a-file' / tiny_pnet_dir.name}, which cannot be "
+                                         "written .*; pass --output-dir DIR"):
+        zero_shot.evaluate(str(tiny_pnet_dir), tasks="boolq", data_dir=fixture_data_dir, output_dir=tmp_path / "a-file")
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score\n")
+    with pytest.raises(ValueError, match="which cannot be written"):
+        perplexity.evaluate_perplexity(str(tiny_pnet_dir), text, output_dir=tmp_path / "a-file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_model_folder_fails_before_evaluating(tiny_pnet_dir, fixture_data_dir, tmp_path, monkeypatch):
+    _no_evaluation(monkeypatch)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pnet_dir, folder)
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=f"go to {folder}, which cannot be written"):
+            zero_shot.evaluate(str(folder), tasks="boolq", data_dir=fixture_data_dir)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_an_earlier_result_is_replaced_only_with_overwrite(tiny_pnet_dir, fixture_data_dir, tmp_path, capsys):
+    arguments = dict(tasks="boolq", data_dir=fixture_data_dir, limit=2, batch_size=2, device="cpu",
+                     output_dir=tmp_path / "O")
+    zero_shot.evaluate(str(tiny_pnet_dir), **arguments)
+    result = tmp_path / "O" / tiny_pnet_dir.name / zero_shot.RESULTS_FILE
+    first = result.read_text()
+    with pytest.raises(FileExistsError, match=f"{result} holds the results of an earlier evaluation; pass "
+                                              "--overwrite to replace them"):
+        zero_shot.evaluate(str(tiny_pnet_dir), **{**arguments, "limit": 4})
+    assert result.read_text() == first
+    with pytest.raises(SystemExit) as exit_info:
+        zero_shot.main([str(tiny_pnet_dir), "--tasks", "boolq", "--data-dir", str(fixture_data_dir), "--output-dir",
+                        str(tmp_path / "O")])
+    assert exit_info.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    zero_shot.evaluate(str(tiny_pnet_dir), **{**arguments, "limit": 4}, overwrite=True)
+    assert json.loads(result.read_text())["tasks"]["boolq"]["docs"] == 4
+
+
+def _without_weight(model_dir: Path, folder: Path, name: str, extra: str | None = None) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights[name]
+    if extra:
+        weights[extra] = torch.zeros(2)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_before_evaluating(tiny_pnet_dir, fixture_data_dir, tmp_path,
+                                                                   monkeypatch):
+    """Deleting q_proj from a saved model evaluated a random matrix, with one line in transformers' load report."""
+    from pnet.model_loading import CheckpointKeysError, check_checkpoint_weights
+    from pnet_eval import perplexity
+
+    _no_evaluation(monkeypatch)
+    folder = _without_weight(tiny_pnet_dir, tmp_path / "damaged", "model.layers.0.self_attn.q_proj.weight",
+                             extra="model.layers.9.mlp.up_proj.weight")
+    message = (f"{folder.resolve()}: its weights do not match its config: missing 1: "
+               "model.layers.0.self_attn.q_proj.weight; unexpected 1: model.layers.9.mlp.up_proj.weight")
+    with pytest.raises(CheckpointKeysError, match=message):
+        zero_shot.evaluate(str(folder), tasks="boolq", data_dir=fixture_data_dir)
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score\n")
+    with pytest.raises(CheckpointKeysError, match=message):
+        perplexity.evaluate_perplexity(str(folder), text)
+    check_checkpoint_weights(str(tiny_pnet_dir))  # the intact folder passes
+
+
+def test_tied_embeddings_are_not_missing_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pnet.model_loading import check_checkpoint_weights, saved_weight_names
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in saved_weight_names(tmp_path / "tied")
+    check_checkpoint_weights(str(tmp_path / "tied"))

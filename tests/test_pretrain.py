@@ -223,7 +223,7 @@ def test_bad_settings_fail_before_anything_is_built(settings, message, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_errors_and_help(tmp_path, model_path):
+def test_cli_errors_and_help(tmp_path, model_path, capsys):
     with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
         run_in_process(model_path, tmp_path / "out", "--resume")
     with pytest.raises(ConfigError, match="--allow-change only applies with --resume"):
@@ -233,8 +233,10 @@ def test_cli_errors_and_help(tmp_path, model_path):
                  "data.sources.<name>.weight (float, required)", "max_grad_norm (float | null, default 1.0)",
                  "init_from (str | null, default null)", "data.on_bad_record (one of error/skip, default \"error\")"):
         assert line in help_text, line
-    with pytest.raises(SystemExit, match="pretrain: error: .*adam_beta1=1.5: Input should be less than 1$"):
+    with pytest.raises(SystemExit) as exit_:
         pretrain.cli(["--config", str(TINY_CONFIG), "adam_beta1=1.5"])  # a message, not a traceback
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.endswith("adam_beta1=1.5: Input should be less than 1\n")
 
 
 # ------------------------------------------------------------------------------------------------------ resume
@@ -318,7 +320,7 @@ def test_bad_data_record_stops_before_training_or_is_skipped_and_counted(tmp_pat
                    "data.on_bad_record=skip", "max_steps=6", "warmup_steps=1")
     records = L.read_log(tmp_path / "skip" / L.LOG_FILE)
     [check] = L.event_records(records, L.EVENT_DATA_CHECK)
-    assert check[L.BAD_RECORDS] == {"web": 1}
+    assert check[L.BAD_RECORDS] == {"web": {"train": 1}}
     assert check[L.BAD_RECORD_EXAMPLES] == [f"{shard}, line 2: field 'text' is int 42, not a string"]
     assert L.train_records(records)[-1][L.BAD_RECORDS_SKIPPED] == {"web": 1, "wikipedia": 0, "arxiv": 0}
 
@@ -383,11 +385,11 @@ def test_every_pretrain_config_validates(path):
 
 
 def readme_two_process_command() -> list[str]:
-    """The README's 2-process pretraining command, as written."""
+    """The README's 2-process pretraining command, as written, without accelerate's -q (quiet launcher errors)."""
     readme = (REPO_ROOT / "README.md").read_text()
     [line] = [line for line in readme.splitlines()
-              if line.startswith("accelerate launch --config_file configs/accelerate/cpu-2proc.yaml")]
-    return shlex.split(line.split("#")[0])
+              if line.startswith("accelerate launch -q --config_file configs/accelerate/cpu-2proc.yaml")]
+    return [word for word in shlex.split(line.split("#")[0]) if word != "-q"]
 
 
 @pytest.mark.slow
@@ -457,3 +459,150 @@ def test_fsdp2_config_is_valid_and_refuses_cpu_with_the_reason(tmp_path, model_p
     with pytest.raises(ConfigError, match=r"FSDP needs GPUs .* never for CPU processes"):
         run_in_process(model_path, tmp_path / "fsdp", "max_steps=2", "warmup_steps=0")
     assert not (tmp_path / "fsdp").exists()
+
+
+# ---------------------------------------------------------------------------------------- run guards (issue 20)
+
+def test_a_second_run_on_a_held_output_folder_refuses_before_anything(tmp_path, model_path, monkeypatch):
+    """Two runs in one output folder corrupted each other (two step-1 records, a final/ config from the other seed);
+    now the second refuses at once, naming the holder, and writes nothing."""
+    from pnet.run_lock import LOCK_FILE, OutputLockedError, exclusive_output
+
+    built = []
+    monkeypatch.setattr(pretrain.CausalLMTask, "plan", lambda *a: built.append("plan"))
+    output_dir = tmp_path / "out"
+    with exclusive_output(output_dir):
+        with pytest.raises(OutputLockedError, match=f"output folder {output_dir} is in use by another run \\(pid "
+                                                    f"{os.getpid()} on .*\\). Two runs writing one folder"):
+            run_in_process(model_path, output_dir)
+        assert built == [] and sorted(p.name for p in output_dir.iterdir()) == [LOCK_FILE]
+    assert not output_dir.exists()  # released; the folder the lock made, left empty, is gone
+
+
+def test_a_lock_left_by_a_killed_run_is_named_and_taken_over(tmp_path, model_path, capfd):
+    from pnet.run_lock import LOCK_FILE
+
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / LOCK_FILE).write_text('{"pid": 999999, "host": "h", "started": "2026-12-01 10:00:00", '
+                                        '"command": "scripts/pretrain.py"}\n')
+    run_in_process(model_path, output_dir, "max_steps=2", "warmup_steps=0")
+    assert "taking over the lock of a run that ended without releasing it (pid 999999 on h, started " \
+           "2026-12-01 10:00:00" in capfd.readouterr().err
+    assert (output_dir / "final").is_dir() and not (output_dir / LOCK_FILE).exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_plan(tmp_path, model_path):
+    from pnet.run_lock import OutputNotWritableError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OutputNotWritableError, match=f"output folder {tmp_path / 'a-file' / 'out'}: cannot create"):
+        run_in_process(model_path, tmp_path / "a-file" / "out")
+
+
+@pytest.mark.slow
+def test_two_processes_cannot_publish_to_one_final(tmp_path, model_path):
+    """Two real runs, seeds 0 and 1, started together on one output_dir: one trains and publishes final/, whose
+    config carries its seed; the other exits with the lock message; the log has one record per step."""
+    output_dir = tmp_path / "shared"
+    processes = [subprocess.Popen(pretrain_command(model_path, output_dir, f"seed={seed}", "max_steps=10",
+                                                   "warmup_steps=1"),
+                                  cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for seed in (0, 1)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in processes]
+    codes = [code for code, _ in results]
+    assert sorted(codes) == [0, 1], results
+    winner = codes.index(0)
+    assert "is in use by another run" in results[1 - winner][1] and "Traceback" not in results[1 - winner][1]
+    assert yaml.safe_load((output_dir / "final" / "pretrain_config.yaml").read_text())["seed"] == winner
+    assert sorted(train_records(output_dir)) == list(range(1, 11))
+
+
+def test_a_finite_divergence_stops_like_a_nan_and_names_the_last_good_checkpoint(tmp_path, model_path):
+    """lr=5 without clipping took the loss from 10.4 to over 100 and still published checkpoints and final/."""
+    output_dir = tmp_path / "spike"
+    with pytest.raises(FloatingPointError, match=r"loss spike at step 4: loss 1\d\d\.\d is above loss_spike_factor="
+                                                 r"10.0 times 10.4, the median loss of the last 3 steps .*stopped "
+                                                 f"before the update. Last good checkpoint: {output_dir / 'checkpoint-2'} "):
+        run_in_process(model_path, output_dir, "lr=5", "max_grad_norm=null", "warmup_steps=2", "save_every=2",
+                       "max_steps=12")
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2] and not (output_dir / "final").exists()
+    # Off, the same run publishes (what it did before): the guard is what stops it.
+    run_in_process(model_path, tmp_path / "off", "lr=5", "max_grad_norm=null", "warmup_steps=2", "save_every=2",
+                   "max_steps=12", "loss_spike_factor=null")
+    assert max(r[L.LOSS] for r in train_records(tmp_path / "off").values()) > 104
+    with pytest.raises(ConfigError, match="loss_spike_factor=1: Input should be greater than 1"):
+        run_in_process(model_path, tmp_path / "bad", "loss_spike_factor=1")
+
+
+def test_a_damaged_latest_checkpoint_is_named_with_the_previous_intact_one(tmp_path, model_path, reference_run):
+    run_dir = copy_run(reference_run, tmp_path / "run")
+    weights = run_dir / "checkpoint-40" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300_000])  # a copy cut short
+    with pytest.raises(ResumeError, match=f"the latest checkpoint {run_dir / 'checkpoint-40'} is damaged: "
+                                          "model.safetensors: 300000 bytes where its header describes \\d+\\. The "
+                                          f"previous intact checkpoint is {run_dir / 'checkpoint-35'}: to resume from "
+                                          f"it, move the damaged one aside \\(mv {run_dir / 'checkpoint-40'} "):
+        run_in_process(model_path, run_dir, "--resume")
+    (run_dir / "checkpoint-40").rename(run_dir / "checkpoint-40.damaged")
+    run_in_process(model_path, run_dir, "--resume")  # from checkpoint-35, as the message says
+    reference, resumed = train_records(reference_run), train_records(run_dir)
+    assert resumed[40][L.LOSS] == pytest.approx(reference[40][L.LOSS], abs=1e-6)
+
+
+def test_a_data_file_changed_under_a_run_is_reported_on_resume(tmp_path, model_path):
+    shard = tmp_path / "web-train.jsonl.gz"
+    shutil.copyfile(REPO_ROOT / "data/mix/web/train-00000-of-00002.jsonl.gz", shard)
+    settings = [f"data.sources.web.data_files.train={shard}", "max_steps=4", "warmup_steps=1", "save_every=2"]
+    run_in_process(model_path, tmp_path / "run", *settings)
+    bad_web_shard(tmp_path, 3, '{"text": "an edited document"}')  # rewrites web-train.jsonl.gz
+    with pytest.raises(ResumeError, match=f"(?s)data_files.{shard}: '[0-9a-f]{{64}}' in the checkpoint, "
+                                          f"'[0-9a-f]{{64}}' now.*--allow-change data_files.{shard}.*local data file "
+                                          "whose content \\(sha256\\) changed since the checkpoint"):
+        run_in_process(model_path, tmp_path / "run", *settings[:1], "max_steps=6", "warmup_steps=1",
+                       "save_every=2", "--resume")
+    with pytest.raises(ResumeError, match="--allow-change data_file: no such setting \\(did you mean data_files"):
+        run_in_process(model_path, tmp_path / "run", *settings[:1], "max_steps=6", "warmup_steps=1",
+                       "save_every=2", "--resume", "--allow-change", "data_file")
+    run_in_process(model_path, tmp_path / "run", *settings[:1], "max_steps=6", "warmup_steps=1", "save_every=2",
+                   "--resume", "--allow-change", "data_files")
+    assert sorted(train_records(tmp_path / "run")) == list(range(1, 7))
+
+
+def test_a_refused_run_under_accelerate_launch_prints_its_message_alone(tmp_path, model_path):
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "-q", "--num_processes", "1", "--cpu",
+               *pretrain_command(model_path, tmp_path / "none", "--resume")[1:]]
+    result = run(command)
+    assert result.returncode == 1
+    message = f"pretrain: error: --resume: no checkpoint-N folder in {tmp_path / 'none'}"
+    assert result.stderr.count(message) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_only_the_first_process_prints_a_user_error(monkeypatch, capsys):
+    from pnet.training import run_command
+
+    def refuse(argv):
+        raise ConfigError("lr=-1: Input should be greater than 0")
+
+    for rank, printed in (("0", "train: error: lr=-1: Input should be greater than 0\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            run_command("train", refuse, [])
+        assert exit_.value.code == 1 and capsys.readouterr().err == printed
+
+
+def test_init_from_a_folder_missing_a_weight_is_refused_before_the_model_is_built(tmp_path, model_path,
+                                                                                  tiny_pnet_dir, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from pnet.model_loading import CheckpointKeysError
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_pnet_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.self_attn.q_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(pretrain.CausalLMTask, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(CheckpointKeysError, match=f"{folder}: its weights do not match its config: missing 1: "
+                                                  "model.layers.1.self_attn.q_proj.weight"):
+        run_in_process(model_path, tmp_path / "out", "model=null", f"init_from={folder}")

@@ -164,3 +164,20 @@ def test_bad_perturb_fraction(fraction, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "does-not-exist"), str(tmp_path / "out"), "--perturb-fraction", fraction])
     assert f"--perturb-fraction must lie in [0, 1], got {float(fraction)}" in capsys.readouterr().err
+
+
+def test_a_second_upcycle_into_the_same_folder_refuses_at_once(dense_dir, tmp_path, capsys, monkeypatch):
+    """Two pnet-upcycle runs writing one OUT_DIR share its `.tmp` sibling; the second now refuses before reading."""
+    from pnet.run_lock import exclusive_output
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the dense model was read")
+
+    monkeypatch.setattr(upcycle_module, "load_dense_config", no_read)
+    out = tmp_path / "pnet"
+    with exclusive_output(out, lock_path=tmp_path / ".pnet.pnet-upcycle.lock"):
+        with pytest.raises(SystemExit) as error:
+            main([str(dense_dir), str(out), "--num-experts", "2"])
+    assert error.value.code == 2
+    assert f"output folder {out} is in use by another run (pid " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no OUT_DIR, no .tmp, the lock released
