@@ -214,8 +214,7 @@ def evaluate(
     for model in models:
         check_checkpoint_weights(model, trust[model])
     out_dirs = perplexity.results_dirs(models, output_dir)
-    perplexity.prepare_results_dirs(
-        out_dirs, lambda out: (out / RESULTS_FILE) if (out / RESULTS_FILE).exists() else None, overwrite)
+    perplexity.prepare_results_dirs(out_dirs, earlier_result, overwrite)
     local_dir = resolve_data_dir(data_dir)
     if local_dir is not None:
         check_local_data(selected, local_dir)
@@ -274,6 +273,11 @@ def evaluate(
     return summaries
 
 
+def earlier_result(out: Path) -> Path | None:
+    """The zero-shot results an evaluation writing to ``out`` would replace."""
+    return out / RESULTS_FILE if (out / RESULTS_FILE).exists() else None
+
+
 def _limit(value: str) -> int | float:
     number = float(value)
     return int(number) if number >= 1 and number.is_integer() else number
@@ -329,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.tasks is not None:
             resolve_tasks(args.tasks)  # a bad task name fails before the perplexity run, not after it
+            if args.perplexity:  # and so do the zero-shot results' folders
+                models = list(dict.fromkeys(check_model(m) for m in args.models))
+                perplexity.prepare_results_dirs(perplexity.results_dirs(models, args.output_dir), earlier_result,
+                                                args.overwrite)
         if args.perplexity:
             perplexity.evaluate_perplexity(
                 args.models,

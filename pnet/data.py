@@ -3,7 +3,7 @@
 One code path for Hub datasets and local files: every source is opened with
 ``datasets.load_dataset(path, name=config, data_files=..., split=..., streaming=True)`` where ``path`` is a
 Hub id (``allenai/c4``) or a packaged builder (``parquet``, ``csv``, ...) reading local ``data_files``. JSON Lines
-(``path: json``) are read line by line with the ``text`` builder and parsed here, one record per line: a malformed
+(``path: json``) are read line by line and parsed here (one shard per file), one record per line: a malformed
 line or a record whose text field is missing, null or not a string is then an error naming the file, the line and
 the field (found by `check_records` when the source is opened, before training), or, with
 ``data.on_bad_record: skip``, a record skipped and counted (``PackedBatchIterator.skipped_records``, in the log),
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from datasets import IterableDataset, interleave_datasets, load_dataset
+from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -253,26 +253,32 @@ def check_data(config: TextDataConfig) -> list[RecordCheck]:
 
 # ------------------------------------------------------------------------------------------------ streams
 
+RECORD_FEATURES = Features({"text": Value("string"), "bad": Value("bool")})
+
+
+def _json_lines_records(files: list[str], text_field: str, on_bad_record: str, where: str) -> Iterator[dict]:
+    """The records of JSON Lines files in order, as `open_source` streams them (one shard per file)."""
+    for path in files:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, start=1):
+                text, problem = parse_json_line(line, text_field)
+                if problem and on_bad_record == "error":  # the file changed after check_records
+                    raise DataRecordError(f"{where}: {path}, line {number}: {problem}")
+                yield {"text": text, "bad": problem is not None}
+
+
 def open_source(name: str, source: SourceConfig, split: str, on_bad_record: str = "error") -> IterableDataset:
     """Stream one split of a source as records ``{"text": str | None, "bad": bool}``: ``text`` None marks a record
     without usable text (``bad``: a bad record, counted when skipped; not bad: a blank JSON Lines line)."""
     check_records(name, source, split, on_bad_record)  # local files: every record, before streaming
     where = f"data source {name!r} ({source.path}, split {split!r})"
     if source.path == "json":
-        dataset = load_dataset("text", data_files=source.data_files, split=split, streaming=True,
-                               encoding_errors=ENCODING_ERRORS)
-
-        def to_records(batch: dict[str, list]) -> dict[str, list]:
-            texts, bad = [], []
-            for line in batch["text"]:
-                text, problem = parse_json_line(line, source.text_field)
-                if problem and on_bad_record == "error":  # the file changed after check_records
-                    raise DataRecordError(f"{where}: {problem}")
-                texts.append(text)
-                bad.append(problem is not None)
-            return {"text": texts, "bad": bad}
-
-        return dataset.map(to_records, batched=True, remove_columns=["text"])
+        # Read here, not by datasets' text builder: its streaming reader of .gz files decodes strictly (an invalid
+        # byte would fail the whole file), and Arrow cannot hold the escaped byte; the check reads the same way.
+        return IterableDataset.from_generator(
+            _json_lines_records, features=RECORD_FEATURES,
+            gen_kwargs={"files": source.files(split), "text_field": source.text_field,
+                        "on_bad_record": on_bad_record, "where": where})
 
     try:  # Hub datasets: the first record shows the columns (an empty split stops here)
         dataset = load_dataset(source.path, name=source.config, data_files=source.data_files, split=split,
