@@ -187,8 +187,8 @@ class TextDataConfig(ConfigModel):
 
     tokenizer: str
     """local folder or Hub id, loaded with AutoTokenizer"""
-    seq_len: PositiveInt
-    """tokens per packed training sequence"""
+    seq_len: Annotated[int, Field(strict=True, ge=2)]
+    """tokens per packed training sequence (at least 2: each token is predicted from the ones before it)"""
     sources: Annotated[dict[str, SourceConfig], Field(min_length=1)]
     """{domain name: source}"""
     stopping_strategy: Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"] = (
@@ -350,6 +350,8 @@ class ImageDataConfig(ConfigModel):
     """keep the first N examples of every split (quick runs)"""
     train_subset: TrainSubsetConfig | None = None
     """train on a fixed share of train_split, drawn per class (null: all of it)"""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """an image file that does not decode: stop naming it before training (error), or leave it out and count it"""
 
 
 class VisionTrainConfig(CheckpointedTrainingConfig):
@@ -522,9 +524,24 @@ def yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"{self.name}, line {line}: key {key!r} is set twice (first at line "
+                                  f"{first_line[key]}); a YAML file would keep the last value silently: keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f)
+        values = yaml.load(f, Loader=_UniqueKeyLoader)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return values
@@ -609,14 +626,25 @@ def _describe_error(cls: type, error: dict[str, Any]) -> str:
     return f"{key}={error['input']!r}: {message}"
 
 
-def parse_config(cls: type[ConfigModel], values: dict[str, Any], source: str = "config") -> Any:
-    """Build ``cls`` from a mapping; every problem becomes one line of a `ConfigError`."""
+def parse_config(cls: type[ConfigModel], values: dict[str, Any], source: str = "config",
+                 overridden: typing.Iterable[str] = ()) -> Any:
+    """Build ``cls`` from a mapping; every problem becomes one line of a `ConfigError`, attributed to ``source`` or,
+    for the dotted keys in ``overridden`` (and below them), to the command line."""
     try:
         return cls.model_validate(values)
     except ValidationError as error:
-        problems = [_describe_error(cls, e) for e in error.errors()]
-        raise ConfigError(f"{source}: " + ("\n  ".join([""] + problems) if len(problems) > 1 else problems[0])
-                          ) from None
+        overridden = tuple(overridden)
+
+        def origin(e: dict[str, Any]) -> str:
+            key = ".".join(str(part) for part in e["loc"])
+            from_command_line = key and any(key == o or key.startswith(f"{o}.") for o in overridden)
+            return "command-line override" if from_command_line else source
+
+        problems = [(origin(e), _describe_error(cls, e)) for e in error.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"{problems[0][0]}: {problems[0][1]}") from None
+        raise ConfigError("\n  ".join([f"{source}:"] + [f"{problem} ({where})" if where != source else problem
+                                                         for where, problem in problems])) from None
 
 
 def load_config(cls: type[ConfigModel], path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (),
@@ -624,8 +652,10 @@ def load_config(cls: type[ConfigModel], path: str | os.PathLike | None = None, o
     """Read the YAML file ``path`` (or start from ``values``), apply ``key=value`` overrides and validate."""
     base = read_yaml(path) if path is not None else {}
     base.update(values or {})
+    overrides = list(overrides)
     apply_overrides(base, overrides, literal_sections)
-    return parse_config(cls, base, str(path) if path is not None else cls.__name__)
+    return parse_config(cls, base, str(path) if path is not None else cls.__name__,
+                        overridden=[override.split("=", 1)[0] for override in overrides])
 
 
 def load_pretrain_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> PretrainConfig:

@@ -48,7 +48,7 @@ from datasets import Features, IterableDataset, Value, interleave_datasets, load
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pnet.config import SourceConfig, TextDataConfig
+from pnet.config import ConfigError, SourceConfig, TextDataConfig
 
 MAX_BAD_RECORD_EXAMPLES = 5  # locations listed in the log when bad records are skipped
 
@@ -57,9 +57,14 @@ class DataRecordError(ValueError):
     """A data record the pipeline cannot use; the message names the file, the line and the field."""
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and check it has the EOS token that separates packed documents."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str, key: str = "data.tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and check it has the EOS token that separates packed documents (``key``: the setting that
+    names it, for the error)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise ConfigError(f"{key}={path!r}: no tokenizer could be loaded from it ({str(error).splitlines()[0]}); "
+                          "allowed: a folder with tokenizer files, or a Hub id when online") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {path!r} has no EOS token; packing needs one to separate documents")
     return tokenizer
@@ -248,6 +253,10 @@ def check_data(config: TextDataConfig) -> list[RecordCheck]:
         for split in dict.fromkeys([source.train_split, source.validation_split]):
             if split is not None and (check := check_records(name, source, split, config.on_bad_record)):
                 checks.append(check)
+                if split == source.train_split and source.train_skip_docs >= check.records:
+                    raise ConfigError(f"data.sources.{name}.train_skip_docs={source.train_skip_docs} skips every "
+                                      f"document of its {split!r} split ({check.records}); allowed: < "
+                                      f"{check.records}")
     return checks
 
 
@@ -339,8 +348,12 @@ def build_train_stream(config: TextDataConfig, tokenizer: PreTrainedTokenizerBas
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         streams.append(tokenize_and_pack(dataset, tokenizer, config.seq_len, config.pack_group_docs, name))
     weights = config.weights()
-    return interleave_datasets(streams, probabilities=[weights[name] for name in config.sources], seed=seed,
-                               stopping_strategy=config.stopping_strategy)
+    try:  # interleaving reads each stream's first example
+        return interleave_datasets(streams, probabilities=[weights[name] for name in config.sources], seed=seed,
+                                   stopping_strategy=config.stopping_strategy)
+    except StopIteration:
+        raise DataExhaustedError("a training source yields no sequence (empty, all records bad, or train_skip_docs "
+                                 "past its end): check data.sources") from None
 
 
 def build_validation_sets(config: TextDataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:

@@ -81,9 +81,33 @@ def make_config(values: dict[str, Any], where: str) -> PretrainedConfig:
     cls = config_class(model_type)
     check_config_keys(values, cls, where)
     try:
-        return AutoConfig.for_model(model_type, **values)
+        config = AutoConfig.for_model(model_type, **values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
+    check_built_config(config, where)
+    return config
+
+
+def check_built_config(config: PretrainedConfig, where: str) -> None:
+    """What config classes accept but their models fail on later: an unknown activation (a KeyError when the model is
+    built) and attention heads that do not divide (an error at the first forward)."""
+    from transformers.activations import ACT2FN
+
+    activation = getattr(config, "hidden_act", None)
+    if isinstance(activation, str) and activation not in ACT2FN:
+        close = difflib.get_close_matches(activation, list(ACT2FN), n=1)
+        raise ValueError(f"{where}: hidden_act={activation!r} is not an activation transformers knows"
+                         + (f" (did you mean {close[0]!r}?)" if close else "") + f"; allowed: {sorted(ACT2FN)}")
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads} "
+                         f"(each key/value head serves a whole group of query heads); allowed: {divisors}")
+    hidden = getattr(config, "hidden_size", None)
+    if (getattr(config, "head_dim", None) is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+            and hidden % heads):
+        raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; allowed: "
+                         "a multiple of it, or set head_dim")
 
 
 def read_config_dict(model: str) -> dict[str, Any]:

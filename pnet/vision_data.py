@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import random
@@ -23,6 +24,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from pnet.config import AugmentConfig
+from pnet.data import MAX_BAD_RECORD_EXAMPLES, DataRecordError, RecordCheck
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -82,6 +84,32 @@ def load_image_dataset(
         else:
             data = datasets.DatasetDict({split: ds.select(range(min(limit, len(ds)))) for split, ds in data.items()})
     return data
+
+
+def check_images(dataset: datasets.Dataset, source: str, split: str,
+                 on_bad_record: str = "error") -> tuple[datasets.Dataset, RecordCheck]:
+    """Open and verify every image of ``dataset`` (PIL's ``verify``: the header and the data's integrity, without
+    decoding pixels) before training: a corrupt file crashed training in a later epoch, or not at all in a short run.
+    "error" raises naming the first bad file; "skip" returns the dataset without the bad images and their count."""
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    bad: list[int] = []
+    examples: list[str] = []
+    for index, item in enumerate(raw.select_columns(["image"])):
+        image = item["image"]
+        where = image.get("path") or f"row {index + 1}"
+        try:
+            with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as opened:
+                opened.verify()
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not a (whole) image"
+            problem = f"{where}: not a readable image ({type(error).__name__}: {error})"
+            if on_bad_record == "error":
+                raise DataRecordError(f"{source} ({split}): {problem}. Replace or remove the file, or set "
+                                      "data.on_bad_record=skip to leave it out (counted in the log)") from None
+            bad.append(index)
+            if len(examples) < MAX_BAD_RECORD_EXAMPLES:
+                examples.append(problem)
+    kept = dataset.select(sorted(set(range(len(dataset))) - set(bad))) if bad else dataset
+    return kept, RecordCheck(source, split, len(dataset), len(bad), tuple(examples))
 
 
 def stratified_subset(dataset: datasets.Dataset, fraction: float, seed: int,

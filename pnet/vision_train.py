@@ -47,7 +47,9 @@ from pnet.vision_data import (
     AugmentedDataset,
     EvalTransform,
     TrainTransform,
+    check_images,
     collate,
+    is_idx_folder,
     load_image_dataset,
     stratified_subset,
 )
@@ -113,6 +115,12 @@ class ImageClassificationTask(Task):
                                   f"{train_data.column_names}")
             if column != standard:
                 train_data, eval_data = (d.rename_column(column, standard) for d in (train_data, eval_data))
+        self.image_checks = []
+        if not is_idx_folder(data_cfg.path):  # IDX images are arrays: nothing to decode
+            checked = [check_images(d, data_cfg.path, split, data_cfg.on_bad_record)
+                       for d, split in ((train_data, data_cfg.train_split), (eval_data, data_cfg.eval_split))]
+            (train_data, train_check), (eval_data, eval_check) = checked
+            self.image_checks = [train_check, eval_check]
         if data_cfg.train_subset is not None:
             train_data = stratified_subset(train_data, data_cfg.train_subset.fraction, data_cfg.train_subset.seed)
         self.train_data, self.eval_data = train_data, eval_data
@@ -124,6 +132,9 @@ class ImageClassificationTask(Task):
                     max_steps=config.max_steps or config.epochs * self.steps_per_epoch,
                     warmup_steps=config.warmup_steps or int((config.warmup_epochs or 0) * self.steps_per_epoch),
                     micro_batch_size=config.micro_batch_size)
+
+    def check_data(self) -> list:
+        return self.image_checks  # made in `plan`, which needs the checked dataset's size
 
     def build_model(self, model_config) -> torch.nn.Module:
         self.image_processor = ParameterNetImageProcessor(**self.config.image_processor)

@@ -213,6 +213,16 @@ BAD_SETTINGS = [  # override(s) -> what the error says (key, value, what is allo
     (["init_from=runs/nowhere"], "set exactly one of model .* and init_from"),
     (["model_overrides.num_experts=0"], "num_experts must be an integer >= 1, got 0"),
     (["data.on_bad_record=ignore"], "data.on_bad_record='ignore': Input should be 'error' or 'skip'"),
+    # Settings that passed validation and failed later (issue 20): in numpy, at the first forward, with a KeyError,
+    # as a NaN loss, as a bare StopIteration, as an OSError that did not name the key.
+    (["seed=1099511627776"], "command-line override: seed=1099511627776: Input should be less than 4294967296"),
+    (["model_overrides.num_key_value_heads=3"],
+     r"num_attention_heads=2 is not a multiple of num_key_value_heads=3 .*; allowed: \[1, 2\]"),
+    (["model_overrides.hidden_act=foo"], "hidden_act='foo' is not an activation transformers knows"),
+    (["data.seq_len=1"], "command-line override: data.seq_len=1: Input should be greater than or equal to 2"),
+    (["data.sources.web.train_skip_docs=100000"],
+     r"data.sources.web.train_skip_docs=100000 skips every document of its 'train' split \(\d+\); allowed: < \d+"),
+    (["data.tokenizer=no-such-tokenizer"], "data.tokenizer='no-such-tokenizer': no tokenizer could be loaded"),
 ]
 
 
@@ -221,6 +231,14 @@ def test_bad_settings_fail_before_anything_is_built(settings, message, tmp_path,
     with pytest.raises(ConfigError, match=message):
         run_in_process(model_path, tmp_path / "out", *settings)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_set_twice_in_a_yaml_file_is_refused(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text(TINY_CONFIG.read_text() + "\nlr: 0.5\n")
+    with pytest.raises(ConfigError, match=f"{config}, line \\d+: key 'lr' is set twice \\(first at line \\d+\\); a "
+                                          "YAML file would keep the last value silently"):
+        load_pretrain_config(config)
 
 
 def test_cli_errors_and_help(tmp_path, model_path, capsys):

@@ -88,3 +88,42 @@ def test_bad_settings_fail_before_any_data_is_read(override, message, recipe_arg
     with pytest.raises(ConfigError, match=message):
         vision_train.main(recipe_args(tmp_path / "never") + [override])
     assert not (tmp_path / "never").exists()
+
+
+def fashion_imagefolder(shared_data, folder, per_class=12, classes=("shirt", "bag")):
+    """An imagefolder (train/ and validation/, a folder per class) of Fashion-MNIST PNGs."""
+    from PIL import Image
+
+    from pnet.vision_data import load_idx_dataset
+
+    images = load_idx_dataset(str(shared_data / "images" / "fashion-mnist"), limit=4 * per_class)["train"]["image"]
+    for split, start in (("train", 0), ("validation", 2 * per_class)):
+        for c, name in enumerate(classes):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(per_class // 2 if split == "validation" else per_class):
+                image = images[start + c * per_class + i]
+                assert isinstance(image, Image.Image)
+                image.save(folder / split / name / f"{i}.png")
+    return folder
+
+
+def test_a_corrupt_image_is_named_before_training_or_left_out_and_counted(repo_root, shared_data, recipe_args,
+                                                                          tmp_path, restore_threads, monkeypatch):
+    """A corrupt image crashed training in epoch 2, and a short run that never reached it reported success."""
+    from pnet import run_log as L
+    from pnet.data import DataRecordError
+
+    folder = fashion_imagefolder(shared_data, tmp_path / "images")
+    corrupt = folder / "train" / "bag" / "broken.png"
+    corrupt.write_bytes((folder / "train" / "bag" / "0.png").read_bytes()[:60])  # a PNG cut short
+    args = [f"data.path={folder}", "data.eval_split=validation", "data.limit=null", "max_steps=2", "warmup_steps=1",
+            "save_every=0", "eval_every=2", "train_eval_samples=8"]
+    with monkeypatch.context() as patch:
+        patch.setattr(vision_train.ImageClassificationTask, "build_model", lambda *a: pytest.fail("model built"))
+        with pytest.raises(DataRecordError, match=f"\\(train\\): {corrupt}: not a readable image .*data.on_bad_record"
+                                                  "=skip"):
+            vision_train.main(recipe_args(tmp_path / "error") + args)
+    vision_train.main(recipe_args(tmp_path / "skip") + args + ["data.on_bad_record=skip"])
+    [check] = L.event_records(L.read_log(tmp_path / "skip" / L.LOG_FILE), L.EVENT_DATA_CHECK)
+    assert check[L.BAD_RECORDS] == {str(folder): {"train": 1}}
+    assert check[L.BAD_RECORD_EXAMPLES][0].startswith(f"{corrupt}: not a readable image")
