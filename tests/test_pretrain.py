@@ -24,7 +24,7 @@ import yaml
 from pnet import pretrain
 from pnet import run_log as L
 from pnet.checkpoint import ResumeError, list_checkpoints
-from pnet.config import ConfigError, load_pretrain_config
+from pnet.config import ConfigError, load_pretrain_config, read_yaml
 from pnet.data import DataRecordError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +239,12 @@ def test_a_key_set_twice_in_a_yaml_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"{config}, line \\d+: key 'lr' is set twice \\(first at line \\d+\\); a "
                                           "YAML file would keep the last value silently"):
         load_pretrain_config(config)
+    anchors = tmp_path / "anchors.yaml"  # a merge key is not a repeated key: explicit keys override merged ones
+    anchors.write_text("base: &base {x: 1, y: 2}\nrun:\n  <<: *base\n  y: 3\n")
+    assert read_yaml(anchors)["run"] == {"x": 1, "y": 3}
+    (tmp_path / "broken.yaml").write_text("lr: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'broken.yaml'}: not valid YAML: while parsing"):
+        read_yaml(tmp_path / "broken.yaml")
 
 
 def test_cli_errors_and_help(tmp_path, model_path, capsys):
