@@ -69,11 +69,10 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
                               f"{GGUF_ARCHITECTURE!r} models only")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pnet.checkpoint import publish_dir
-    from pnet.model_loading import prepare_tokenizer_for_model
-    from pnet.checkpoint import file_sha256
+    from pnet.checkpoint import file_sha256, publish_dir
+    from pnet.model_loading import config_keys, prepare_tokenizer_for_model
     from pnet.upcycle import max_logit_difference
 
     folder, name = str(gguf_file.parent), gguf_file.name
@@ -88,8 +87,11 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
     config = loaded.config.__class__.from_dict(loaded.config.to_dict())
-    # How it was loaded here (GGUF quantisation, the file's `general.name`), not what the model is.
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+    # How it was loaded here (GGUF quantisation, the file's `general.name`), not what the model is; and what the GGUF
+    # loader sets beyond LlamaConfig's own keys (`unk_token_id`: the tokenizer's, which keeps it), which pnet's config
+    # check (pnet-count, pnet-upcycle's card) rightly refuses as unknown.
+    leftovers = set(config.to_dict()) - config_keys(LlamaConfig)
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", *sorted(leftovers)):
         if hasattr(config, key):
             delattr(config, key)
     plain = LlamaForCausalLM(config).eval()

@@ -85,6 +85,23 @@ def load_dense_config(llama: str):
         raise FileNotFoundError(f"{llama}: not a local folder, and no Hub model could be read ({first_line})") from None
 
 
+def check_dense_config_keys(llama: str, dense_config) -> None:
+    """The upcycled config inherits every key of the dense one, and pnet's config check (the model card, pnet-count)
+    refuses keys the config class does not define: refuse them here, before any weight is read."""
+    from pnet.model_loading import check_config_keys, read_config_dict
+
+    values = read_config_dict(llama)
+    values.pop("model_type", None)
+    config_file = Path(llama).expanduser() / "config.json"
+    where = str(config_file) if config_file.is_file() else f"{llama} (config.json)"
+    try:
+        check_config_keys(values, type(dense_config), where)
+    except ValueError as error:
+        raise ValueError(f"{error}. The upcycled model would inherit them and pnet's tools refuse them: remove them "
+                         "from the file (a folder from pnet-import-gguf before it dropped `unk_token_id`: delete it and "
+                         "run scripts/get_real_model.sh again)") from None
+
+
 def max_logit_difference(dense, upcycled, vocab_size: int) -> float:
     """Largest |logit| difference between the two models on a fixed batch of 2 x 32 token ids."""
     import torch
@@ -155,6 +172,7 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
     if dense_config.model_type != "llama":
         raise ValueError(f"{llama}: model_type {dense_config.model_type!r}; pnet-upcycle takes a dense LLaMA "
                          "('llama'), whose parameter names it maps onto PNet-LLaMA's")
+    check_dense_config_keys(llama, dense_config)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

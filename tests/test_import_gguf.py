@@ -136,6 +136,21 @@ def test_tokenizer_round_trip(tiny_gguf, tmp_path):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_converted_folder_is_accepted_by_pnets_own_tools(tiny_gguf, tmp_path):
+    """transformers' GGUF loader sets `unk_token_id` on the config, a key LlamaConfig does not define; written to
+    config.json it made `pnet-count` refuse the folder and `pnet-upcycle` fail at its last step (the model card counts
+    the upcycled config). The importer writes only the keys LlamaConfig knows; the tokenizer keeps its unk token."""
+    from pnet.counting import count_config
+
+    path, original = tiny_gguf
+    main([str(path), str(tmp_path / "hf")])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "unk_token_id" not in config
+    report = count_config(str(tmp_path / "hf"))
+    assert report.total_params == sum(p.numel() for p in original.parameters())
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").unk_token == "<|endoftext|>"
+
+
 def test_refuses_another_architecture(tmp_path, capsys):
     path = tmp_path / "gpt2.gguf"
     write_llama_gguf(path, architecture="gpt2")

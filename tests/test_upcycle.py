@@ -181,3 +181,24 @@ def test_a_second_upcycle_into_the_same_folder_refuses_at_once(dense_dir, tmp_pa
     assert error.value.code == 2
     assert f"output folder {out} is in use by another run (pid " in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no OUT_DIR, no .tmp, the lock released
+
+
+def test_a_dense_config_key_pnet_does_not_know_fails_before_reading_weights(dense_dir, tmp_path, monkeypatch, capsys):
+    """A SmolLM2 folder from pnet-import-gguf before its fix carries `unk_token_id`, which LlamaConfig does not
+    define. The upcycled config inherits it, and the model card's config check refused it after every weight had been
+    copied (minutes for the real model). Now refused first, naming the file, the key and the remedy."""
+    config_path = dense_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "unk_token_id": 0}))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    with pytest.raises(SystemExit) as error:
+        main([str(dense_dir), str(tmp_path / "out"), "--num-experts", "2"])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{config_path}: unknown key(s) ['unk_token_id']" in err
+    assert "remove them from the file" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -82,6 +82,28 @@ def build_tiny_pnet(spec: TinySpec, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_upcycled(path: Path, seed: int = 0, **upcycle_kwargs) -> tuple[Path, Path]:
+    """A tiny dense LLaMA shaped like SmolLM2 (tied embeddings, grouped-query attention) saved to `path / "dense"`,
+    then upcycled by pnet-upcycle's own function into `path / "upcycled"`: the folder a user serves, with its
+    model code, upcycling.json and card. Returns (dense, upcycled)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pnet.upcycle import upcycle
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    dense, upcycled = path / "dense", path / "upcycled"
+    LlamaForCausalLM(config).save_pretrained(dense)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(dense)
+    upcycle(str(dense), upcycled, seed=seed, **upcycle_kwargs)
+    return dense, upcycled
+
+
 @pytest.fixture(scope="session")
 def tiny_pnet_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm_models")

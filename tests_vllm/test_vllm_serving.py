@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MAX_NEW_TOKENS, PROMPTS, SPECS, build_tiny_pnet, hf_greedy, make_llm, shutdown
+from conftest import (
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    SPECS,
+    build_tiny_pnet,
+    build_tiny_upcycled,
+    hf_greedy,
+    make_llm,
+    shutdown,
+)
 
 NATIVE_CLASS = "pnet.vllm_pnet_llama.PNetLlamaForCausalLM"
 
@@ -205,27 +215,21 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-@pytest.mark.parametrize(
-    ("trust_remote_code", "inductor"), [(False, True), (True, False)], ids=["default", "trust_remote_code"]
-)
-def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp_path):
-    """`vllm serve DIR` (once with vLLM's default CPU settings: engine in its own process, model compiled by inductor;
-    once with --trust-remote-code): the OpenAI completions endpoint returns HF's greedy tokens."""
-    name = "gate_up_down_shared_e4"
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, log_path: Path, env: dict, extra_args: list[str] = ()):
+    """`vllm serve model_dir` (served as "tiny") on a free port until healthy; yields its completions URL."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    if inductor:
-        env.pop("VLLM_CPU_CI_ENV", None)
     command = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(tiny_pnet_dirs[name]), "--host", "127.0.0.1",
+        str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny",
-    ] + (["--trust-remote-code"] if trust_remote_code else [])  # fmt: skip
-    log = (tmp_path / "serve.log").open("w")
+        *extra_args,
+    ]  # fmt: skip
+    log = log_path.open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "vllm serve did not become healthy in 600 s"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
@@ -233,12 +237,7 @@ def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp
                         break
             except OSError:
                 time.sleep(2)
-        ref = references[name]
-        for prompt, expected in zip(PROMPTS[:3], ref.tokens):
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0,
-                    "ignore_eos": True, "return_token_ids": True}  # fmt: skip
-            choice = _post(f"http://127.0.0.1:{port}/v1/completions", body)["choices"][0]
-            assert choice["token_ids"] == expected
+        yield f"http://127.0.0.1:{port}/v1/completions"
     finally:
         server.terminate()
         try:
@@ -246,6 +245,52 @@ def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def _served_greedy(url: str, prompt: str) -> list[int]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    return _post(url, body)["choices"][0]["token_ids"]
+
+
+@pytest.mark.parametrize(
+    ("trust_remote_code", "inductor"), [(False, True), (True, False)], ids=["default", "trust_remote_code"]
+)
+def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp_path):
+    """`vllm serve DIR` (once with vLLM's default CPU settings: engine in its own process, model compiled by inductor;
+    once with --trust-remote-code): the OpenAI completions endpoint returns HF's greedy tokens."""
+    name = "gate_up_down_shared_e4"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    if inductor:
+        env.pop("VLLM_CPU_CI_ENV", None)
+    extra_args = ["--trust-remote-code"] if trust_remote_code else []
+    with vllm_server(tiny_pnet_dirs[name], tmp_path / "serve.log", env, extra_args) as url:
+        for prompt, expected in zip(PROMPTS[:3], references[name].tokens):
+            assert _served_greedy(url, prompt) == expected
+
+
+def test_vllm_serve_of_a_pnet_upcycle_folder(tmp_path):
+    """What a user of a real LLaMA does (results/smollm2.md): `pnet-upcycle` a dense LLaMA with tied embeddings and
+    grouped-query attention (SmolLM2's shape), then `vllm serve` the folder it wrote. The endpoint returns HF
+    `generate`'s greedy tokens of that folder for every prompt. The experts are Drop-Upcycling-perturbed
+    (gate+up+down, shared router, E=4), so routing decides the output: the upcycle's greedy text differs from the
+    dense model's, and a wrong expert or a lost tie of the embeddings would show."""
+    from transformers import AutoTokenizer
+
+    dense, upcycled = build_tiny_upcycled(
+        tmp_path, num_experts=4, projections=["gate", "up", "down"], shared_router=True, perturb_fraction=0.5
+    )
+    tokenizer = AutoTokenizer.from_pretrained(upcycled)
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    expected, _ = hf_greedy(upcycled, prompt_ids)
+    dense_tokens, _ = hf_greedy(dense, prompt_ids)
+    assert expected != dense_tokens
+    assert min(len(set(t)) for t in expected) >= MAX_NEW_TOKENS // 2, expected
+
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with vllm_server(upcycled, tmp_path / "serve.log", env) as url:
+        served = [_served_greedy(url, prompt) for prompt in PROMPTS]
+    assert served == expected
 
 
 # --------------------------------------------------------------------------------------------- the routed matmul
