@@ -307,6 +307,29 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
 
 
+def final_validation_lines(runs: dict[str, dict[str, Any]], seeds: list[int]) -> list[str]:
+    """Markdown table of each run's last validation loss per domain, and upcycled - dense per seed (same tokens)."""
+    finals = {name: run["val_curve"][-1]["val_loss"] for name, run in runs.items() if run["val_curve"]}
+    if len(finals) != len(runs):
+        return []
+    names = [f"{arm}-seed{seed}" for seed in seeds for arm in ARMS]
+    step = runs[names[0]]["val_curve"][-1]["step"]
+    domains = list(finals[names[0]])
+
+    def loss(name: str, domain: str) -> float:
+        values = finals[name]
+        return sum(values.values()) / len(values) if domain == "mean" else values[domain]
+
+    lines = ["", f"## Validation loss at step {step} (nats/token)", "",
+             "| domain | " + " | ".join(names) + " | " + " | ".join(f"upcycled - dense, seed {s}" for s in seeds) + " |",
+             "|---|" + "---:|" * (len(names) + len(seeds))]
+    for domain in domains + ["mean"]:
+        cells = [f"{loss(name, domain):.4f}" for name in names]
+        cells += [f"{loss(f'upcycled-seed{s}', domain) - loss(f'dense-seed{s}', domain):+.4f}" for s in seeds]
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(study: UpcycleStudyConfig, stages: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
     report_md = Path(study.report)
     report_md.parent.mkdir(parents=True, exist_ok=True)
@@ -358,9 +381,11 @@ def write_report(study: UpcycleStudyConfig, stages: dict[str, dict[str, Any]], c
         "|---|" + "---:|" * len(columns),
     ]
     lines += [f"| {m} | " + " | ".join(_fmt(evaluations[c].get(m)) for c in columns) + " |" for m in metrics]
+    lines += final_validation_lines(runs, study.seeds)
     lines += [
         "",
-        f"Perplexity: the first {study.evaluation.heldout_docs or 'all'} document(s) of `{study.evaluation.heldout}`"
+        "Perplexity: " + (f"the first {study.evaluation.heldout_docs} document(s)" if study.evaluation.heldout_docs
+                          else "all documents") + f" of `{study.evaluation.heldout}`"
         + (f", cut to {study.evaluation.heldout_chars:,} characters" if study.evaluation.heldout_chars else "") + "; "
         f"zero-shot: {study.evaluation.zero_shot_limit or 'all'} documents per task (accuracy in %).",
         "",
@@ -426,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides (YAML values)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --dry-run
     study = load_study_config(args.config, args.overrides)
-    command = " ".join(["python scripts/upcycle_smollm2.py", "--config", args.config, *args.overrides])
+    shown = [o if not o.startswith("notes=") else "notes=..." for o in args.overrides]  # (the text is on the page)
+    command = " ".join(["python scripts/upcycle_smollm2.py", "--config", args.config, *shown])
     if args.dry_run:
         for seed in study.seeds:
             # The upcycled folder may not exist yet: its run config is checked from the dense folder's.

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.upcycle_smollm2 import heldout_subset, load_study_config, main, plan, pretrain_config
+from experiments.upcycle_smollm2 import (final_validation_lines, heldout_subset, load_study_config, main, plan,
+                                         pretrain_config)
 from pnet import run_log as L
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,7 @@ def test_runner_upcycles_trains_both_arms_and_resumes(tiny_llama_dir, tmp_path):
     assert all(stage["peak_rss_mib"] > 0 for stage in summary["stages"].values())
     report = (tmp_path / "report.md").read_text()
     assert "## Before and after" in report and "| train-upcycled-seed0 |" in report
+    assert "## Validation loss at step 4 (nats/token)" in report and "| mean |" in report
     assert (tmp_path / "report.png").stat().st_size > 10_000 and (tmp_path / "report.json").is_file()
 
     # A run killed after its checkpoint at step 2: the re-run resumes it; finished stages are not run again.
@@ -126,3 +128,21 @@ def test_heldout_subset_takes_first_documents_cut_at_a_space(tmp_path):
     whole = load_study_config(CONFIG, [f"output_root={tmp_path / 'b'}", "evaluation.heldout_docs=2",
                                        "evaluation.heldout_chars=null"])
     assert len(heldout_subset(whole).read_text().splitlines()) == 2
+
+
+def test_final_validation_table_gives_each_domain_and_the_upcycled_minus_dense_difference():
+    def run(web: float, arxiv: float) -> dict:
+        return {"val_curve": [{"step": 2, "val_loss": {"web": 9.0, "arxiv": 9.0}},
+                              {"step": 32, "val_loss": {"web": web, "arxiv": arxiv}}]}
+
+    runs = {"dense-seed0": run(2.75, 2.10), "upcycled-seed0": run(2.74, 2.08),
+            "dense-seed1": run(2.70, 2.20), "upcycled-seed1": run(2.72, 2.20)}
+    lines = final_validation_lines(runs, [0, 1])
+    assert lines[1] == "## Validation loss at step 32 (nats/token)"
+    assert lines[3] == ("| domain | dense-seed0 | upcycled-seed0 | dense-seed1 | upcycled-seed1 | "
+                        "upcycled - dense, seed 0 | upcycled - dense, seed 1 |")
+    assert lines[5] == "| web | 2.7500 | 2.7400 | 2.7000 | 2.7200 | -0.0100 | +0.0200 |"
+    assert lines[6] == "| arxiv | 2.1000 | 2.0800 | 2.2000 | 2.2000 | -0.0200 | +0.0000 |"
+    assert lines[7] == "| mean | 2.4250 | 2.4100 | 2.4500 | 2.4600 | -0.0150 | +0.0100 |"
+    runs["dense-seed1"]["val_curve"] = []  # a run without validation: no table rather than a partial one
+    assert final_validation_lines(runs, [0, 1]) == []
