@@ -401,8 +401,8 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, Generatio
 
 
 class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSequenceClassification):
-    """`PNetLlamaModel` with LLaMA's classification head on the last non-padding token; the training loss adds the
-    router losses as in `PNetLlamaForCausalLM`."""
+    """`PNetLlamaModel` with LLaMA's classification head: transformers' forward (score of the last non-padding
+    token, task loss), plus the router losses as in `PNetLlamaForCausalLM`."""
 
     def __init__(self, config: PNetLlamaConfig):
         # transformers' generic head builds its backbone through AutoModel.from_config, which does not resolve a
@@ -412,21 +412,25 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         self.model = PNetLlamaModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
+        # The inherited forward returns the backbone's cache, hidden states and attentions but not its router
+        # logits: one hook, installed once, hands them to `forward`.
+        self._router_logits = None
+        self.model.register_forward_hook(self._keep_router_logits)
+
+    def _keep_router_logits(self, module: nn.Module, args: tuple, output: ModelOutput) -> None:
+        self._router_logits = getattr(output, "router_logits", None)
 
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PNetSequenceClassifierOutputWithPast:
         r"""
-        The arguments of `LlamaForSequenceClassification.forward` (a cache passes through `kwargs`).
+        The arguments of `LlamaForSequenceClassification.forward` (positions, cache, embeddings: through `kwargs`).
 
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or regression targets with `num_labels == 1`); `problem_type` picks the loss as in
@@ -435,50 +439,25 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=need_router_logits,
-            **kwargs,
+        outputs = super().forward(
+            input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=need_router_logits,
+            return_dict=True, **kwargs
         )
-        logits = self.score(outputs.last_hidden_state)
-        batch_size = logits.shape[0]
-        if self.config.pad_token_id is None and batch_size != 1:
-            raise ValueError(
-                f"batch size {batch_size} needs config.pad_token_id to find each sequence's last token; it is None"
-            )
-        if self.config.pad_token_id is None or input_ids is None:
-            last_token = torch.full((batch_size,), logits.shape[1] - 1, device=logits.device)
-        else:
-            # Rightmost non-padding token: works for left and right padding.
-            non_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
-            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
-            last_token = (positions * non_pad).argmax(-1)
-        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]
-
-        aux_loss = z_loss = None
+        router_logits, self._router_logits = self._router_logits, None
+        aux_loss = z_loss = loss = None
         if need_router_logits:
-            aux_loss, z_loss = self.router_losses(
-                outputs.router_logits, attention_mask, outputs.last_hidden_state.shape[1]
-            )
-        loss = task_loss = None
+            seq_len = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            aux_loss, z_loss = self.router_losses(router_logits, attention_mask, seq_len)
         if labels is not None:
-            task_loss = self.loss_function(
-                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
-            )
-            loss = self.add_router_losses(task_loss, aux_loss, z_loss)
+            loss = self.add_router_losses(outputs.loss, aux_loss, z_loss)
         return _as_output(
             PNetSequenceClassifierOutputWithPast,
             outputs,
             loss=loss,
-            task_loss=task_loss,
+            task_loss=outputs.loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
-            logits=pooled_logits,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=router_logits if output_router_logits else None,
         )
 
 

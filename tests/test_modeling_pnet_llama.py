@@ -405,6 +405,13 @@ def test_sequence_classification_forward_loss_and_save_load(tmp_path):
     torch.testing.assert_close(out.task_loss, expected_task)
     torch.testing.assert_close(out.loss, expected_task + 0.01 * out.aux_loss)
     torch.testing.assert_close(model(input_ids[1:, :5]).logits, out.logits[1:], rtol=1e-5, atol=1e-5)
+    # Router logits of the inherited forward's backbone call: one (batch*seq, E) per router; the aux loss is theirs.
+    routed = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    assert len(routed.router_logits) == len(model.model.router_names()) > 0
+    assert routed.router_logits[0].shape == (14, 2) and routed.loss is None
+    torch.testing.assert_close(routed.aux_loss, load_balancing_loss(routed.router_logits, attention_mask))
+    assert model(input_ids).router_logits is None and model._router_logits is None  # nothing kept after a forward
+    assert isinstance(model(input_ids, labels=labels, return_dict=False), tuple)
     # A causal-LM checkpoint initialises the backbone of the classifier (the new head is the only missing weight).
     PNetLlamaForCausalLM(tiny_config(num_experts=2)).save_pretrained(tmp_path / "lm")
     classifier = PNetLlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pad_token_id=0)
