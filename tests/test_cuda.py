@@ -15,6 +15,7 @@ import torch
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
 from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, grouped_mm_takes, load_balancing_loss
 from test_llama_contract import BASE, CONFIGS, affine_sequences, greedy, routing_decisions
+from test_modeling_pnet_llama import reference_expert_linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -33,17 +34,12 @@ def routed_layer(in_features: int, out_features: int, experts: int, dtype: torch
 
 
 def per_expert_reference(x, router_weight, expert_weight, upstream):
-    """fp32 `s_t * W[e_t] x_t` one expert at a time, with autograd: output and the gradients of x, W, router."""
+    """fp32 `s_t * W[e_t] x_t` token by token, with autograd: output and the gradients of x, W, router."""
     x = x.detach().float().requires_grad_()
     router_weight = router_weight.detach().float().requires_grad_()
     expert_weight = expert_weight.detach().float().requires_grad_()
-    probs = torch.softmax(x @ router_weight.T, dim=-1)
-    top_prob, expert_index = probs.max(-1)
-    output = torch.zeros(x.shape[0], expert_weight.shape[1], device=x.device)
-    for expert in range(expert_weight.shape[0]):
-        rows = (expert_index == expert).nonzero().squeeze(1)
-        output = output.index_add(0, rows, x[rows] @ expert_weight[expert].T)
-    output = output * top_prob[:, None]
+    top_prob, expert_index = torch.softmax(x @ router_weight.T, dim=-1).max(-1)
+    output = reference_expert_linear(expert_weight, x, expert_index, top_prob)
     output.backward(upstream.float())
     return output.detach(), expert_index, x.grad, expert_weight.grad, router_weight.grad
 
@@ -111,7 +107,9 @@ def test_bf16_autocast_training_reaches_every_router_and_expert(trained_on_cuda)
         output = model(data, labels=data, output_router_logits=True)
     output.loss.backward()
     routed = [(name, p) for name, p in model.named_parameters() if "router" in name or p.dim() == 3]
-    assert len(routed) == 2 * model.config.num_hidden_layers if "down_router" in str(routed) else len(routed) >= 4
+    config = model.config
+    routers_per_layer = 1 if config.shared_router else len(config.moe_projections)
+    assert len(routed) == config.num_hidden_layers * (routers_per_layer + len(config.moe_projections))
     for name, param in routed:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     balance = load_balancing_loss(output.router_logits)
