@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from pnet.vllm_server import vllm_server
 
 PROMPTS = (
     "The capital of France is",
@@ -66,45 +65,23 @@ def hf(model_dir: str, out: str, new_tokens: int) -> None:
                 "load_before": load_before})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(model_dir: str, out: str, new_tokens: int) -> None:
-    port, log_path = _free_port(), Path(out).with_suffix(".serve.log")
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", model_dir, "--host", "127.0.0.1", "--port",
-               str(port), "--dtype", "float32", "--served-model-name", "model"]
     env = {**os.environ}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's default (92% of memory) fails on a shared machine
     load_before, start = load_average(), time.perf_counter()
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"vllm serve exited with {server.returncode}; its log: {log_path}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    time.sleep(2)
-            ready_s = time.perf_counter() - start
-            tokens, text = [], []
-            for prompt in PROMPTS:
-                body = {"model": "model", "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens,
-                        "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                                 {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=600) as response:
-                    choice = json.loads(response.read())["choices"][0]
-                tokens.append(choice["token_ids"])
-                text.append(choice["text"])
-        finally:
-            server.terminate()
-            server.wait(timeout=120)
+    # No start deadline: a large model compiles for minutes on a loaded CPU (the 692M upcycle took 298 s).
+    with vllm_server(model_dir, Path(out).with_suffix(".serve.log"), "model", env=env, timeout_s=None) as url:
+        ready_s = time.perf_counter() - start
+        tokens, text = [], []
+        for prompt in PROMPTS:
+            body = {"model": "model", "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+            request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as response:
+                choice = json.loads(response.read())["choices"][0]
+            tokens.append(choice["token_ids"])
+            text.append(choice["text"])
     import vllm
 
     write(out, {"source": f"vllm serve, vllm {vllm.__version__}", "tokens": tokens, "text": text,

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +21,8 @@ from conftest import (
     make_llm,
     shutdown,
 )
+
+from pnet.vllm_server import vllm_server
 
 NATIVE_CLASS = "pnet.vllm_pnet_llama.PNetLlamaForCausalLM"
 
@@ -203,54 +202,21 @@ def test_tensor_parallel_2(tiny_pnet_dirs, references, tmp_path):
 # --------------------------------------------------------------------------------------------- vllm serve DIR
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
 
 
-@contextlib.contextmanager
-def vllm_server(model_dir: Path, log_path: Path, env: dict, extra_args: list[str] = ()):
-    """`vllm serve model_dir` (served as "tiny") on a free port until healthy; yields its completions URL."""
-    port = _free_port()
-    command = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny",
-        *extra_args,
-    ]  # fmt: skip
-    log = log_path.open("w")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "vllm serve did not become healthy in 600 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        yield f"http://127.0.0.1:{port}/v1/completions"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+def serving_tiny(model_dir: Path, log_path: Path, env: dict, extra_args: list[str] = ()):
+    """`vllm serve model_dir` as "tiny", context length 512 (pnet.vllm_server); yields its base URL."""
+    return vllm_server(model_dir, log_path, "tiny", ["--max-model-len", "512", *extra_args], env)
 
 
 def _served_greedy(url: str, prompt: str) -> list[int]:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "ignore_eos": True,
             "return_token_ids": True}  # fmt: skip
-    return _post(url, body)["choices"][0]["token_ids"]
+    return _post(f"{url}/v1/completions", body)["choices"][0]["token_ids"]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +230,7 @@ def test_vllm_serve(trust_remote_code, inductor, tiny_pnet_dirs, references, tmp
     if inductor:
         env.pop("VLLM_CPU_CI_ENV", None)
     extra_args = ["--trust-remote-code"] if trust_remote_code else []
-    with vllm_server(tiny_pnet_dirs[name], tmp_path / "serve.log", env, extra_args) as url:
+    with serving_tiny(tiny_pnet_dirs[name], tmp_path / "serve.log", env, extra_args) as url:
         for prompt, expected in zip(PROMPTS[:3], references[name].tokens):
             assert _served_greedy(url, prompt) == expected
 
@@ -288,7 +254,7 @@ def test_vllm_serve_of_a_pnet_upcycle_folder(tmp_path):
     assert min(len(set(t)) for t in expected) >= MAX_NEW_TOKENS // 2, expected
 
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with vllm_server(upcycled, tmp_path / "serve.log", env) as url:
+    with serving_tiny(upcycled, tmp_path / "serve.log", env) as url:
         served = [_served_greedy(url, prompt) for prompt in PROMPTS]
     assert served == expected
 
