@@ -2,6 +2,7 @@
 
     python bench/bench_moe.py                  # 1 and 2 threads, medians of --repeats rounds
     python bench/bench_moe.py --threads 1      # one thread count
+    python bench/bench_moe.py --parts generation --hidden 1024   # one part, a larger model
 
 Every comparison is interleaved (each round runs baseline and candidate in rotating order) and reported as the ratio
 of medians, so load from other processes hits both sides alike; absolute numbers still move with that load, which is
@@ -14,7 +15,8 @@ Prints, per thread count, each as a ratio against its baseline from this run (go
      decode token through ExpertLinear's CPU decode path vs the general routed matmul;
   2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
      (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
-  3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95);
+  3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95); the router's per-token cost is fixed, so the
+     ratio grows with the model (`--hidden 1024`);
   4. once: peak resident memory of building each model and running two AdamW steps, each in a fresh process.
 """
 
@@ -33,6 +35,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
 from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed_matmul
+
+
+PARTS = ("projection", "training", "generation", "memory")  # [1] to [4] of the docstring
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
@@ -246,11 +251,30 @@ def bench_memory(args) -> dict:
     for kind in ("dense", "pnet"):
         command = [sys.executable, __file__, "--memory-child", kind] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("memory_child", "threads", "skip_memory")
+            if k not in ("memory_child", "threads", "parts")
         ] + ["--threads", str(args.threads[0])]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result[kind] = json.loads(out.strip().splitlines()[-1])
     return result
+
+
+def print_projection(proj: dict) -> None:
+    print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
+    for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
+        print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
+    print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
+    print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
+          "   (worth keeping if above routed)")
+    print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
+    print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
+    decode = proj["decode"]
+    print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "
+          f"{decode['decode_path'] * 1e6:.1f} us, routed matmul {decode['routed_matmul'] * 1e6:.1f} us; "
+          f"decode path / routed matmul throughput {decode['routed_matmul'] / decode['decode_path']:.3f}")
+
+
+def weight_mib(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def main() -> None:
@@ -265,7 +289,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--skip-memory", action="store_true", help="skip part 4 (two child processes)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
     parser.add_argument("--memory-child", choices=["dense", "pnet"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -279,32 +303,23 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n===== {threads} thread(s) =====")
-        proj = bench_projection(args)
-        print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-        for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
-            print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
-        print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
-        print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
-              "   (worth keeping if above routed)")
-        print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
-        print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
-        decode = proj["decode"]
-        print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "
-              f"{decode['decode_path'] * 1e6:.1f} us, routed matmul {decode['routed_matmul'] * 1e6:.1f} us; "
-              f"decode path / routed matmul throughput {decode['routed_matmul'] / decode['decode_path']:.3f}")
+        if "projection" in args.parts:
+            print_projection(bench_projection(args))
+        if "training" in args.parts:
+            train = bench_training(args, models)
+            print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")
+            for key, label, goal in (("fwd_bwd", "forward+backward", "   (goal >= 0.95)"),
+                                     ("step", "step incl. AdamW", "")):
+                dense, pnet = train[key]["dense"], train[key]["pnet"]
+                print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}{goal}")
+        if "generation" in args.parts:
+            gen = bench_generation(args, models)
+            print(f"[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens; fp32 weights: "
+                  + ", ".join(f"{kind} {weight_mib(model):.0f} MiB" for kind, model in models.items()))
+            print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
+                  "   (goal >= 0.95)")
 
-        train = bench_training(args, models)
-        print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")
-        for key, label, goal in (("fwd_bwd", "forward+backward", "   (goal >= 0.95)"), ("step", "step incl. AdamW", "")):
-            dense, pnet = train[key]["dense"], train[key]["pnet"]
-            print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}{goal}")
-
-        gen = bench_generation(args, models)
-        print(f"[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens")
-        print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
-              "   (goal >= 0.95)")
-
-    if not args.skip_memory:
+    if "memory" in args.parts:
         mem = bench_memory(args)
         print("\n[4] peak resident memory of build + 2 AdamW steps above the import baseline (fresh process each)")
         for kind in ("dense", "pnet"):

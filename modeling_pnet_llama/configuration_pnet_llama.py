@@ -20,80 +20,53 @@ MOE_PROJECTION_NAMES = ("gate", "up", "down")
 EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _optional_positive_int(name, value):
-    return value if value is None else _positive_int(name, value)
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def _jitter(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-    return value
-
-
-def _capacity(name, value):
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
-    ):
-        raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
-    return value
-
-
-def _projections(name, value):
-    """A non-empty list of distinct names from MOE_PROJECTION_NAMES, returned in the canonical order gate, up, down."""
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a non-empty list drawn from {list(MOE_PROJECTION_NAMES)}, got {value!r}")
-    unknown = [item for item in value if item not in MOE_PROJECTION_NAMES]
-    if not value or unknown or len(set(value)) != len(value):
-        raise ValueError(
-            f"{name} must be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}, "
-            f"got {list(value)!r}"
-        )
-    return [item for item in MOE_PROJECTION_NAMES if item in value]
-
-
-def _scaling(name, value):
-    if value not in EXPERT_OUTPUT_SCALINGS:
-        raise ValueError(f"{name} must be one of {list(EXPERT_OUTPUT_SCALINGS)}, got {value!r}")
-    return value
-
-
-def _no_bias(name, value):
-    if value:
-        raise ValueError(f"{name} must be False for pnet_llama: experts have no bias (the paper's counts)")
-    return value
+def _canonical_projections(value):
+    """A non-empty list of distinct names from MOE_PROJECTION_NAMES, in the canonical order gate, up, down."""
+    if not isinstance(value, (list, tuple)) or not value or any(item not in MOE_PROJECTION_NAMES for item in value):
+        return None
+    return [item for item in MOE_PROJECTION_NAMES if item in value] if len(set(value)) == len(value) else None
 
 
 # Single-field rules, checked whenever a field is set: at construction and on assignment afterwards (an edited config
 # reaches the model and the saved config.json). Rules between fields (e.g. heads dividing hidden_size) are LLaMA's,
 # checked at construction by `validate_architecture`, since a multi-step edit passes through states that break them.
+# Each rule: (accepts the value, "must ..." naming what is allowed).
+_POSITIVE_INT = (lambda value: _is_int(value) and value >= 1, "be an integer >= 1")
+_NON_NEGATIVE = (lambda value: _is_finite(value) and value >= 0, "be a finite number >= 0")
 FIELD_RULES = {
-    "vocab_size": _positive_int,
-    "hidden_size": _positive_int,
-    "intermediate_size": _positive_int,
-    "num_hidden_layers": _positive_int,
-    "num_attention_heads": _positive_int,
-    "num_key_value_heads": _optional_positive_int,
-    "max_position_embeddings": _positive_int,
-    "num_experts": _positive_int,
-    "moe_projections": _projections,
-    "router_aux_loss_coef": _non_negative,
-    "router_z_loss_coef": _non_negative,
-    "router_jitter_noise": _jitter,
-    "expert_capacity_factor": _capacity,
-    "expert_output_scaling": _scaling,
-    "mlp_bias": _no_bias,
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "num_experts",
+        ),
+        _POSITIVE_INT,
+    ),
+    "num_key_value_heads": (lambda value: value is None or _POSITIVE_INT[0](value), "be None or an integer >= 1"),
+    "moe_projections": (
+        lambda value: _canonical_projections(value) is not None,
+        f"be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}",
+    ),
+    "router_aux_loss_coef": _NON_NEGATIVE,
+    "router_z_loss_coef": _NON_NEGATIVE,
+    "router_jitter_noise": (lambda value: _is_finite(value) and 0 <= value < 1, "lie in [0, 1)"),
+    "expert_capacity_factor": (
+        lambda value: value is None or _is_finite(value) and value > 0, "be None (dropless) or a number > 0"
+    ),
+    "expert_output_scaling": (lambda value: value in EXPERT_OUTPUT_SCALINGS, f"be one of {list(EXPERT_OUTPUT_SCALINGS)}"),
+    "mlp_bias": (lambda value: not value, "be False for pnet_llama: experts have no bias (the paper's counts)"),
 }
 
 
@@ -153,8 +126,13 @@ class PNetLlamaConfig(LlamaConfig):
     output_router_logits: bool = False
 
     def __setattr__(self, name, value):
-        rule = FIELD_RULES.get(name)
-        super().__setattr__(name, value if rule is None else rule(name, value))
+        if name in FIELD_RULES:
+            accepts, allowed = FIELD_RULES[name]
+            if not accepts(value):
+                raise ValueError(f"{name} must {allowed}, got {value!r}")
+            if name == "moe_projections":
+                value = _canonical_projections(value)
+        super().__setattr__(name, value)
 
 
 def _strict_errors_as_value_errors(init):
