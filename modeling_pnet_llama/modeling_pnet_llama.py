@@ -380,16 +380,12 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, Generatio
         config = PNetLlamaConfig(**dense_config)
 
         model = cls(config).to(dtype=dense.dtype, device=dense.device)
-        dense_state = dense.state_dict()
-        upcycled_state = {}
-        for key, value in dense_state.items():
-            name = key.rsplit(".", 2)
-            # "...mlp.down_proj.weight" -> copy into every expert of the routed projection
-            if len(name) == 3 and name[-1] == "weight" and name[-2].endswith("_proj") and ".mlp" in name[0]:
-                projection = name[-2][: -len("_proj")]
-                if projection in config.moe_projections:
-                    value = value.unsqueeze(0).expand(config.num_experts, *value.shape).clone()
-            upcycled_state[key] = value
+        # "...mlp.down_proj.weight" of a routed projection -> a copy in every expert
+        routed_suffixes = tuple(f"mlp.{name}_proj.weight" for name in config.moe_projections)
+        upcycled_state = {
+            key: value.expand(config.num_experts, *value.shape).clone() if key.endswith(routed_suffixes) else value
+            for key, value in dense.state_dict().items()
+        }
         result = model.load_state_dict(upcycled_state, strict=False)
         not_routers = [key for key in result.missing_keys if not key.endswith("router.weight")]
         if not_routers or result.unexpected_keys:
