@@ -5,8 +5,9 @@
     python bench/bench_moe.py --parts generation --hidden 1024   # one part, a larger model
 
 Every comparison is interleaved (each round runs baseline and candidate in rotating order) and reported as the ratio
-of medians, so load from other processes hits both sides alike; absolute numbers still move with that load, which is
-printed at the start (and should be below ~0.5 for figures worth quoting).
+of medians, so load from other processes hits both sides alike, with the lowest and highest ratio of single rounds
+beside it; absolute numbers still move with that load, which is printed at the start (and should be below ~0.5 for
+figures worth quoting).
 
 Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
   1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
@@ -40,8 +41,8 @@ from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed
 PARTS = ("projection", "training", "generation", "memory")  # [1] to [4] of the docstring
 
 
-def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
-    """Median over `repeats` rounds of the mean wall time of `inner` calls of each function. Each round runs every
+def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    """Per round (`repeats` of them), the mean wall time of `inner` calls of each function. Each round runs every
     function once, in rotating order, so that load from other processes on a shared machine hits all alike."""
     for fn in fns.values():  # warm-up
         fn()
@@ -54,7 +55,18 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
             for _ in range(inner):
                 fns[name]()
             times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def round_ratios(times: dict[str, list[float]], baseline: str, candidate: str) -> str:
+    """The lowest and highest per-round throughput ratio candidate / baseline: how far this machine's noise moves the
+    ratio of medians that the report quotes."""
+    ratios = [base / cand for base, cand in zip(times[baseline], times[candidate])]
+    return f"(rounds {min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def model_configs(args) -> tuple[dict, dict]:
@@ -137,7 +149,7 @@ def bench_projection(args) -> dict:
                 y = y.index_add(0, idx, part)
         y.backward(upstream)
 
-    result = interleaved_median_seconds(
+    rounds = interleaved_seconds(
         {
             "dense": dense_step,
             "routed": routed_step,
@@ -148,10 +160,12 @@ def bench_projection(args) -> dict:
         args.repeats,
         inner=3,
     )
+    result = medians(rounds)
+    result["spread"] = {name: round_ratios(rounds, "dense", name) for name in ("routed", "fused_router", "experts_only")}
     # Decode (one token, no gradient): ExpertLinear's CPU decode path vs the general routed matmul vs dense.
     one, index = x[:1].detach(), fixed_route.expert_index[:1]
     with torch.no_grad():
-        decode = interleaved_median_seconds(
+        decode = medians(interleaved_seconds(
             {
                 "dense": lambda: dense(one),
                 "decode_path": lambda: expert_linear(one, index, fixed_route.expert_scale[:1]),
@@ -159,7 +173,7 @@ def bench_projection(args) -> dict:
             },
             args.repeats,
             inner=200,
-        )
+        ))
     result["decode"] = decode
     counts = torch.bincount(router(x).expert_index, minlength=experts).tolist()
     result["tokens_per_expert"] = counts
@@ -189,10 +203,13 @@ def bench_training(args, models: dict) -> dict:
 
         return run
 
-    fb = interleaved_median_seconds({kind: forward_backward(kind) for kind in models}, args.repeats)
-    step = interleaved_median_seconds({kind: full_step(kind) for kind in models}, args.repeats)
     tokens = args.batch * args.seq_len
-    return {"fwd_bwd": {k: tokens / v for k, v in fb.items()}, "step": {k: tokens / v for k, v in step.items()}}
+    result = {}
+    for key, fn in (("fwd_bwd", forward_backward), ("step", full_step)):
+        rounds = interleaved_seconds({kind: fn(kind) for kind in models}, args.repeats)
+        result[key] = {kind: tokens / seconds for kind, seconds in medians(rounds).items()}
+        result[key]["spread"] = round_ratios(rounds, "dense", "pnet")
+    return result
 
 
 def bench_generation(args, models: dict) -> dict:
@@ -216,8 +233,10 @@ def bench_generation(args, models: dict) -> dict:
 
         return run
 
-    seconds = interleaved_median_seconds({kind: generate(kind) for kind in models}, args.repeats)
-    return {kind: args.new_tokens / value for kind, value in seconds.items()}
+    rounds = interleaved_seconds({kind: generate(kind) for kind in models}, args.repeats)
+    result = {kind: args.new_tokens / seconds for kind, seconds in medians(rounds).items()}
+    result["spread"] = round_ratios(rounds, "dense", "pnet")
+    return result
 
 
 def _rss_mib(field: str) -> float:
@@ -262,10 +281,12 @@ def print_projection(proj: dict) -> None:
     print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
     for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
         print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
-    print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f}   (goal >= 0.90)")
-    print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f}"
+    spread = proj["spread"]
+    print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f} {spread['routed']}   (goal >= 0.90)")
+    print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f} {spread['fused_router']}"
           "   (worth keeping if above routed)")
-    print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f}   (goal >= 0.95)")
+    print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f} {spread['experts_only']}"
+          "   (goal >= 0.95)")
     print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
     decode = proj["decode"]
     print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "
@@ -311,13 +332,14 @@ def main() -> None:
             for key, label, goal in (("fwd_bwd", "forward+backward", "   (goal >= 0.95)"),
                                      ("step", "step incl. AdamW", "")):
                 dense, pnet = train[key]["dense"], train[key]["pnet"]
-                print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f}{goal}")
+                print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f} "
+                      f"{train[key]['spread']}{goal}")
         if "generation" in args.parts:
             gen = bench_generation(args, models)
             print(f"[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens; fp32 weights: "
                   + ", ".join(f"{kind} {weight_mib(model):.0f} MiB" for kind, model in models.items()))
-            print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f}"
-                  "   (goal >= 0.95)")
+            print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f} "
+                  f"{gen['spread']}   (goal >= 0.95)")
 
     if "memory" in args.parts:
         mem = bench_memory(args)
