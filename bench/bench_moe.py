@@ -161,7 +161,9 @@ def bench_projection(args) -> dict:
         inner=3,
     )
     result = medians(rounds)
-    result["spread"] = {name: round_ratios(rounds, "dense", name) for name in ("routed", "fused_router", "experts_only")}
+    result["spread"] = {
+        name: round_ratios(rounds, "dense", name) for name in ("routed", "fused_router", "experts_only")
+    }
     # Decode (one token, no gradient): ExpertLinear's CPU decode path vs the general routed matmul vs dense.
     one, index = x[:1].detach(), fixed_route.expert_index[:1]
     with torch.no_grad():
@@ -282,7 +284,8 @@ def print_projection(proj: dict) -> None:
     for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
         print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
     spread = proj["spread"]
-    print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f} {spread['routed']}   (goal >= 0.90)")
+    print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f} {spread['routed']}"
+          "   (goal >= 0.90)")
     print(f"    fused router / dense throughput  {proj['dense'] / proj['fused_router']:.3f} {spread['fused_router']}"
           "   (worth keeping if above routed)")
     print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f} {spread['experts_only']}"
