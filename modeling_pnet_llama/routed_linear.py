@@ -22,6 +22,28 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations import moe as transformers_moe  # registers torch.ops.transformers.grouped_mm_fallback
 
+from .transformers_version import TRANSFORMERS_REQUIREMENT
+
+
+# Two transformers internals (underscored or unexported: a later release may rename them) that every routed forward
+# uses: without them, fail at import naming them, not with an AttributeError inside the first forward.
+_MISSING_INTERNALS = [
+    name
+    for name, present in (
+        ("transformers.integrations.moe._can_use_grouped_mm", hasattr(transformers_moe, "_can_use_grouped_mm")),
+        ("torch.ops.transformers.grouped_mm_fallback", hasattr(torch.ops.transformers, "grouped_mm_fallback")),
+    )
+    if not present
+]
+if _MISSING_INTERNALS:
+    import transformers
+
+    raise ImportError(
+        f"pnet's routed linear uses {_MISSING_INTERNALS}, which transformers {transformers.__version__} does not "
+        f"provide. pnet's model code is tested on the oldest and newest releases of {TRANSFORMERS_REQUIREMENT!r}: "
+        "install another release in that range, or a pnet that supports this one."
+    )
+
 
 class RouterOutput(NamedTuple):
     """What a `TopOneRouter` returns for `T` tokens."""

@@ -1,6 +1,8 @@
 """The supported transformers range: declared once (modeling_pnet_llama/transformers_version.py, linked into
 modeling_parameternet), repeated only in pyproject.toml for pip, and read with pip's (packaging's) semantics."""
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -37,3 +39,23 @@ def test_releases_outside_the_range_are_refused_as_pip_would(release):
     """`<6` excludes the pre-releases of 6 (a plain version comparison lets 6.0.0rc1 < 6 through)."""
     with pytest.raises(ImportError, match=rf"transformers>=5\.19,<6 is required .* found transformers=={release}:"):
         check_transformers_version(release)
+
+
+@pytest.mark.parametrize(
+    "remove, named",
+    [
+        ("del moe._can_use_grouped_mm", "transformers.integrations.moe._can_use_grouped_mm"),
+        ("import types; torch.ops.transformers = types.SimpleNamespace()",  # an operator namespace without it
+         "torch.ops.transformers.grouped_mm_fallback"),
+    ],
+)
+def test_a_release_without_the_internals_the_routed_linear_uses_is_refused_at_import(remove, named):
+    """Both model packages import the shared routed linear; a transformers inside the range that lacks one of the two
+    internals it calls is refused at import, naming the internal, instead of failing inside the first forward."""
+    for package in ("modeling_pnet_llama", "modeling_parameternet"):
+        script = f"import torch\nimport transformers.integrations.moe as moe\n{remove}\nimport {package}\n"
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert result.returncode == 1, result.stderr[-2000:]
+        last_line = result.stderr.strip().splitlines()[-1]
+        assert last_line.startswith("ImportError: pnet's routed linear uses [") and repr(named) in last_line
+        assert "transformers>=5.19,<6" in last_line
