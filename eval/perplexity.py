@@ -308,14 +308,10 @@ def evaluate_perplexity(
     `trust_remote_code=False` loads PNet folders with the classes of this installed package, never the folder's own
     Python files (`pnet.model_loading.trust_remote_code_for`).
     """
-    import lm_eval
     import torch
-    from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, make_table
 
     from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
-    from pnet_eval.zero_shot import check_model, default_dtype, lm_eval_model_args, quiet_git_describe
+    from pnet_eval.zero_shot import check_model, default_dtype
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
     models = list(dict.fromkeys(check_model(m) for m in model_dirs))
@@ -340,73 +336,88 @@ def evaluate_perplexity(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
 
-    summaries = []
-    for model in models:
-        model_args = lm_eval_model_args(
-            "hf",
-            pretrained=model,
-            trust_remote_code=trust[model],
-            dtype=dtype,
-            add_bos_token=False,  # score the text's tokens only (see the module docstring)
+    return [
+        score_model(model, text_files, out_dirs[model], trust_remote_code=trust[model], text_field=text_field,
+                    max_length=max_length, batch_size=batch_size, device=device, dtype=dtype,
+                    prefix_token_id=prefix_token_id)
+        for model in models
+    ]
+
+
+def score_model(model: str, text_files: list, out: Path, *, trust_remote_code: bool, text_field: str,
+                max_length: int | None, batch_size: int | str, device: str, dtype: str,
+                prefix_token_id: int | None) -> dict[str, Any]:
+    """One model's rolling-window perplexity on every file in one lm-eval run, merged into (and written to) its
+    `pnet_perplexity_results.json` in `out`, beside lm-eval's own results; the inputs are checked by the caller."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from pnet_eval.zero_shot import lm_eval_model_args, quiet_git_describe
+
+    model_args = lm_eval_model_args(
+        "hf",
+        pretrained=model,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        add_bos_token=False,  # score the text's tokens only (see the module docstring)
+    )
+    if max_length is not None:
+        model_args["max_length"] = max_length
+    if prefix_token_id is not None:
+        model_args["prefix_token_id"] = prefix_token_id
+    lm = get_model("hf").create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
+
+    def count_tokens(text: str) -> int:  # the tokenisation lm-eval windows
+        return len(lm.tok_encode(text))
+
+    start = time.perf_counter()
+    with quiet_git_describe():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task_config(f, count_tokens) for f in text_files],
+            num_fewshot=0,
+            batch_size=batch_size,
+            device=device,
+            task_manager=TaskManager(include_defaults=False),  # inline tasks only: no lm-eval YAML indexing
+            log_samples=True,  # per-document (LL, count) pairs, for the totals
+            bootstrap_iters=0,
         )
-        if max_length is not None:
-            model_args["max_length"] = max_length
-        if prefix_token_id is not None:
-            model_args["prefix_token_id"] = prefix_token_id
-        lm = get_model("hf").create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
-
-        def count_tokens(text: str, lm=lm) -> int:  # the tokenisation lm-eval windows
-            return len(lm.tok_encode(text))
-
-        start = time.perf_counter()
-        with quiet_git_describe():
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task_config(f, count_tokens) for f in text_files],
-                num_fewshot=0,
-                batch_size=batch_size,
-                device=device,
-                task_manager=TaskManager(include_defaults=False),  # inline tasks only: no lm-eval YAML indexing
-                log_samples=True,  # per-document (LL, count) pairs, for the totals
-                bootstrap_iters=0,
-            )
-        wall_time = time.perf_counter() - start
-        samples = results.pop("samples")
-        print(make_table(results))
-        out = out_dirs[model]
-        summary = read_perplexity_results(out) or {}
-        summary.update({"model": Path(model).name, "model_dir": model})
-        summary.setdefault("files", {})
-        for text_file in text_files:
-            task = TASK_PREFIX + text_file.label
-            entry = summarize_file(text_file, results["results"][task], samples[task])
-            entry.update(
-                {
-                    "text_field": text_field if text_file.format == "jsonl" else None,
-                    "max_length": lm.max_length,
-                    "prefix_token_id": lm.prefix_token_id,
-                    "device": device,
-                    "dtype": dtype,
-                    "batch_size": batch_size,
-                    "lm_eval_task": task,
-                    "lm_eval_version": lm_eval.__version__,
-                    "run_wall_time_s": round(wall_time, 2),  # the whole lm-eval run (all files given with it)
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }
-            )
-            summary["files"][text_file.label] = entry
-            print(
-                f"{Path(model).name} on {text_file.label}: word perplexity {entry['word_perplexity']:.4f}, "
-                f"bits per byte {entry['bits_per_byte']:.4f}, token perplexity {entry['token_perplexity']:.4f} "
-                f"({entry['docs']} docs, {entry['tokens']} tokens, windows of {lm.max_length})"
-            )
-        write_json_atomic(out / LM_EVAL_PERPLEXITY_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
-                          ensure_ascii=False)
-        write_json_atomic(out / PERPLEXITY_RESULTS_FILE, summary, indent=2)
-        print(f"wrote {out / PERPLEXITY_RESULTS_FILE} and {out / LM_EVAL_PERPLEXITY_RESULTS_FILE}")
-        summaries.append(summary)
-        del lm
-    return summaries
+    wall_time = time.perf_counter() - start
+    samples = results.pop("samples")
+    print(make_table(results))
+    summary = read_perplexity_results(out) or {}
+    summary.update({"model": Path(model).name, "model_dir": model})
+    summary.setdefault("files", {})
+    for text_file in text_files:
+        task = TASK_PREFIX + text_file.label
+        entry = summarize_file(text_file, results["results"][task], samples[task])
+        entry.update(
+            {
+                "text_field": text_field if text_file.format == "jsonl" else None,
+                "max_length": lm.max_length,
+                "prefix_token_id": lm.prefix_token_id,
+                "device": device,
+                "dtype": dtype,
+                "batch_size": batch_size,
+                "lm_eval_task": task,
+                "lm_eval_version": lm_eval.__version__,
+                "run_wall_time_s": round(wall_time, 2),  # the whole lm-eval run (all files given with it)
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        summary["files"][text_file.label] = entry
+        print(
+            f"{Path(model).name} on {text_file.label}: word perplexity {entry['word_perplexity']:.4f}, "
+            f"bits per byte {entry['bits_per_byte']:.4f}, token perplexity {entry['token_perplexity']:.4f} "
+            f"({entry['docs']} docs, {entry['tokens']} tokens, windows of {lm.max_length})"
+        )
+    write_json_atomic(out / LM_EVAL_PERPLEXITY_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
+                      ensure_ascii=False)
+    write_json_atomic(out / PERPLEXITY_RESULTS_FILE, summary, indent=2)
+    print(f"wrote {out / PERPLEXITY_RESULTS_FILE} and {out / LM_EVAL_PERPLEXITY_RESULTS_FILE}")
+    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
