@@ -200,13 +200,12 @@ def evaluate(
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("backend 'vllm' needs vLLM installed beside pnet (README \"Serving\": scripts/setup_vllm.sh)")
     batch_size = BACKENDS[backend] if batch_size is None else batch_size
-    import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, make_table
+
+    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
 
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
-    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
 
     models = list(dict.fromkeys(check_model(m) for m in model_dirs))
     selected = resolve_tasks(tasks)
@@ -234,43 +233,55 @@ def evaluate(
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(VLLM_CPU_KV_CACHE_GIB)
         print(f"vllm on CPU: KV cache of {VLLM_CPU_KV_CACHE_GIB} GiB (set VLLM_CPU_KVCACHE_SPACE=<GiB> to change)")
 
-    summaries = []
-    for model in models:
-        start = time.perf_counter()
-        with quiet_git_describe():
-            results = lm_eval.simple_evaluate(
-                model=backend,
-                model_args=lm_eval_model_args(backend, pretrained=model, trust_remote_code=trust[model], dtype=dtype),
-                tasks=task_names,
-                num_fewshot=0,
-                limit=limit,
-                batch_size=batch_size,
-                device=device,
-                task_manager=task_manager,
-                log_samples=False,
-            )
-        wall_time = time.perf_counter() - start
-        print(make_table(results))
-        summary = {
-            "model": Path(model).name,
-            "model_dir": model,
-            "data_source": data_source(local_dir),
-            "num_fewshot": 0,
-            "limit": limit,
-            "backend": backend,
-            "device": device,
-            "dtype": dtype,
-            "lm_eval_version": lm_eval.__version__,
-            "wall_time_s": round(wall_time, 2),
-            "tasks": summarize(results, selected, local=local_dir is not None),
-        }
-        out = out_dirs[model]
-        write_json_atomic(out / LM_EVAL_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
-                          ensure_ascii=False)
-        write_json_atomic(out / RESULTS_FILE, summary, indent=2)
-        print(f"wrote {out / RESULTS_FILE} and {out / LM_EVAL_RESULTS_FILE}")
-        summaries.append(summary)
-    return summaries
+    return [
+        evaluate_model(model, out_dirs[model], selected, task_manager, task_names, local_dir=local_dir, limit=limit,
+                       batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust[model],
+                       backend=backend)
+        for model in models
+    ]
+
+
+def evaluate_model(model: str, out: Path, selected: list, task_manager, task_names: list[str], *,
+                   local_dir: Path | None, limit: int | float | None, batch_size: int | str, device: str, dtype: str,
+                   trust_remote_code: bool, backend: str) -> dict[str, Any]:
+    """One model's lm-eval run on the selected tasks; writes lm-eval's results and the compact summary to `out` and
+    returns the summary. The inputs are checked by `evaluate`."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    start = time.perf_counter()
+    with quiet_git_describe():
+        results = lm_eval.simple_evaluate(
+            model=backend,
+            model_args=lm_eval_model_args(backend, pretrained=model, trust_remote_code=trust_remote_code, dtype=dtype),
+            tasks=task_names,
+            num_fewshot=0,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=task_manager,
+            log_samples=False,
+        )
+    wall_time = time.perf_counter() - start
+    print(make_table(results))
+    summary = {
+        "model": Path(model).name,
+        "model_dir": model,
+        "data_source": data_source(local_dir),
+        "num_fewshot": 0,
+        "limit": limit,
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "lm_eval_version": lm_eval.__version__,
+        "wall_time_s": round(wall_time, 2),
+        "tasks": summarize(results, selected, local=local_dir is not None),
+    }
+    write_json_atomic(out / LM_EVAL_RESULTS_FILE, results, indent=2, default=handle_non_serializable,
+                      ensure_ascii=False)
+    write_json_atomic(out / RESULTS_FILE, summary, indent=2)
+    print(f"wrote {out / RESULTS_FILE} and {out / LM_EVAL_RESULTS_FILE}")
+    return summary
 
 
 def earlier_result(out: Path) -> Path | None:
