@@ -147,7 +147,7 @@ def text_eval_results(results: ModelResults) -> list[EvalResult]:
 def text_card_body(results: ModelResults, train_config: dict | None, train_config_path: str | None,
                    upcycling: dict | None = None) -> str:
     """The card's body; `train_config_path` as the card names it (`card_path`)."""
-    config, counts = results.config, results.counts
+    config = results.config
     routed = config.get("model_type") == "pnet_llama"
     parts = [f"# {results.name}\n"]
     if routed:
@@ -162,6 +162,54 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
         parts.append(f"A dense **LLaMA** baseline for ParameterNet ([Han et al.]({PAPER}), Table 7).\n")
     if upcycling:
         parts.append(upcycling_section(upcycling))
+    parts.append(_architecture_section(config, routed))
+    if results.counts:
+        parts.append(_size_section(results.counts))
+    training = _training_section(results, train_config, train_config_path)
+    if training:
+        parts.append(training)
+    parts.append(text_eval_section(results))
+    parts.append(
+        "## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'repo = "{results.name}"  # or the local folder\n'
+        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n"
+        "model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)\n"
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n```\n\n"
+        "Zero-shot evaluation: `pnet-eval MODEL_DIR` (lm-eval, `trust_remote_code=True`); SST-2: "
+        "`python scripts/finetune_sst2.py MODEL_DIR`.\n"
+    )
+    parts.append("## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
+    return "\n".join(parts)
+
+
+ROUTING_CONFIG_KEYS = (
+    "num_experts",
+    "moe_projections",
+    "shared_router",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "expert_capacity_factor",
+    "expert_output_scaling",
+)
+RECIPE_KEYS = (
+    "max_steps",
+    "global_batch_tokens",
+    "micro_batch_size",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "precision",
+    "seed",
+)
+
+
+def _architecture_section(config: dict, routed: bool) -> str:
     arch = [
         ["hidden size", config.get("hidden_size")],
         ["intermediate size", config.get("intermediate_size")],
@@ -171,51 +219,28 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
         ["max positions", config.get("max_position_embeddings")],
     ]
     if routed:
-        arch += [
-            [key, json.dumps(config.get(key))]
-            for key in (
-                "num_experts",
-                "moe_projections",
-                "shared_router",
-                "router_aux_loss_coef",
-                "router_z_loss_coef",
-                "router_jitter_noise",
-                "expert_capacity_factor",
-                "expert_output_scaling",
-            )
-            if key in config
-        ]
-    parts.append("## Architecture\n\n" + _table(["setting", "value"], arch) + "\n")
-    if counts:
-        size = [
-            ["total parameters", _fmt(counts.total_params)],
-            ["active parameters per token", _fmt(counts.active_params)],
-            ["forward FLOPs", _fmt(counts.flops, "flops")],
-        ]
-        size += [
-            [k, _fmt(v, "flops" if "flops" in k else "params") if isinstance(v, int) else v]
-            for k, v in counts.details.items()
-        ]
-        parts.append(
-            "## Size\n\n" + _table(["", "value"], size) + f"\n\nFLOPs convention: {counts.flops_convention}.\n"
-        )
+        arch += [[key, json.dumps(config.get(key))] for key in ROUTING_CONFIG_KEYS if key in config]
+    return "## Architecture\n\n" + _table(["setting", "value"], arch) + "\n"
+
+
+def _size_section(counts) -> str:
+    size = [
+        ["total parameters", _fmt(counts.total_params)],
+        ["active parameters per token", _fmt(counts.active_params)],
+        ["forward FLOPs", _fmt(counts.flops, "flops")],
+    ]
+    size += [
+        [k, _fmt(v, "flops" if "flops" in k else "params") if isinstance(v, int) else v]
+        for k, v in counts.details.items()
+    ]
+    return "## Size\n\n" + _table(["", "value"], size) + f"\n\nFLOPs convention: {counts.flops_convention}.\n"
+
+
+def _training_section(results: ModelResults, train_config: dict | None, train_config_path: str | None) -> str | None:
+    """The recipe and data mix of the training config (when known) and the final training loss; None if neither."""
     training = []
     if train_config:
-        recipe_keys = (
-            "max_steps",
-            "global_batch_tokens",
-            "micro_batch_size",
-            "lr",
-            "min_lr_ratio",
-            "warmup_steps",
-            "weight_decay",
-            "adam_beta1",
-            "adam_beta2",
-            "max_grad_norm",
-            "precision",
-            "seed",
-        )
-        recipe = [[k, train_config[k]] for k in recipe_keys if k in train_config]
+        recipe = [[k, train_config[k]] for k in RECIPE_KEYS if k in train_config]
         data = train_config.get("data", {})
         if "seq_len" in data:
             recipe.append(["sequence length", data["seq_len"]])
@@ -235,21 +260,7 @@ def text_card_body(results: ModelResults, train_config: dict | None, train_confi
             f"Final training LM loss: **{results.training_loss:.3f}** "
             f"(mean of the last logged steps of `{card_path(results.training_loss_source, Path(results.model_dir))}`)."
         )
-    if training:
-        parts.append("## Training\n\n" + "\n\n".join(training) + "\n")
-    parts.append(text_eval_section(results))
-    parts.append(
-        "## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'repo = "{results.name}"  # or the local folder\n'
-        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n"
-        "model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)\n"
-        'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n```\n\n"
-        "Zero-shot evaluation: `pnet-eval MODEL_DIR` (lm-eval, `trust_remote_code=True`); SST-2: "
-        "`python scripts/finetune_sst2.py MODEL_DIR`.\n"
-    )
-    parts.append("## Citation\n\n```bibtex\n" + CITATION + "\n```\n")
-    return "\n".join(parts)
+    return "## Training\n\n" + "\n\n".join(training) + "\n" if training else None
 
 
 def read_upcycling(model_dir: Path) -> dict[str, Any] | None:
