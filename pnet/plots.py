@@ -62,7 +62,21 @@ def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, titl
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
 
-    ax = axes["loss"]
+    _plot_losses(axes["loss"], train, vals, evals, routed)
+    if router_losses:
+        _plot_router_losses(axes["router"], train, router_losses)
+    if evals:
+        _plot_accuracy(axes["accuracy"], evals)
+    if loads:
+        _plot_expert_load(fig, axes["load"], loads)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_losses(ax, train: list[dict], vals: list[dict], evals: list[dict], routed: bool) -> None:
     steps = [r[L.STEP] for r in train]
     lm_curve = routed and lm_loss_is_distinct(train)
     label = "train loss" if lm_curve or not routed else "train loss (LM loss + router losses; LM loss on top of it)"
@@ -80,53 +94,49 @@ def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, titl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
-    if router_losses:
-        ax = axes["router"]
-        ax.set(xlabel="step", title="Router losses (before coefficients)")
-        lines = []
-        if L.AUX_LOSS in router_losses:
-            lines += ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1,
-                             label="aux (load-balancing) loss")
-            ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
-            ax.set_ylabel("aux loss (1.0 = uniform routing)")
-        if L.Z_LOSS in router_losses:
-            z_ax = ax.twinx() if lines else ax
-            lines += z_ax.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
-            z_ax.set_ylabel("z-loss", color="tab:red")
-        ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
-        ax.grid(alpha=0.3)
 
-    if evals:
-        ax = axes["accuracy"]
-        ax.plot([r[L.STEP] for r in evals], [r[L.EVAL_ACCURACY] for r in evals], "o-", label="evaluation accuracy")
-        ema = [r for r in evals if L.EVAL_ACCURACY_EMA in r]
-        if ema:
-            ax.plot([r[L.STEP] for r in ema], [r[L.EVAL_ACCURACY_EMA] for r in ema], "s--", label="EMA weights")
-        ax.set(xlabel="step", ylabel="accuracy", title="Accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+def _plot_router_losses(ax, train: list[dict], router_losses: list[str]) -> None:
+    steps = [r[L.STEP] for r in train]
+    ax.set(xlabel="step", title="Router losses (before coefficients)")
+    lines = []
+    if L.AUX_LOSS in router_losses:
+        lines += ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1,
+                         label="aux (load-balancing) loss")
+        ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
+        ax.set_ylabel("aux loss (1.0 = uniform routing)")
+    if L.Z_LOSS in router_losses:
+        z_ax = ax.twinx() if lines else ax
+        lines += z_ax.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
+        z_ax.set_ylabel("z-loss", color="tab:red")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    ax.grid(alpha=0.3)
 
-    if loads:
-        ax = axes["load"]
-        names = loads[-1][L.ROUTER_NAMES]
-        experts = len(loads[-1][L.EXPERT_LOAD][0])
-        # rows: router-major (router 0 expert 0..E-1, router 1 ...); columns: log windows
-        matrix = [[window[L.EXPERT_LOAD][r][e] for window in loads] for r in range(len(names)) for e in range(experts)]
-        last_steps = [w[L.STEP] for w in loads]
-        first_step = loads[0][L.LOAD_WINDOW][0] if L.LOAD_WINDOW in loads[0] else last_steps[0]
-        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
-                          extent=(first_step - 0.5, last_steps[-1] + 0.5, len(matrix) - 0.5, -0.5))
-        for r in range(1, len(names)):
-            ax.axhline(r * experts - 0.5, color="white", lw=0.6)
-        ax.set_yticks([r * experts + (experts - 1) / 2 for r in range(len(names))], names, fontsize=7)
-        ax.set(xlabel="step", ylabel=f"experts 0-{experts - 1} of each router",
-               title=f"Expert load (share of tokens; uniform = {1 / experts:.3f})")
-        fig.colorbar(image, ax=ax)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+
+def _plot_accuracy(ax, evals: list[dict]) -> None:
+    ax.plot([r[L.STEP] for r in evals], [r[L.EVAL_ACCURACY] for r in evals], "o-", label="evaluation accuracy")
+    ema = [r for r in evals if L.EVAL_ACCURACY_EMA in r]
+    if ema:
+        ax.plot([r[L.STEP] for r in ema], [r[L.EVAL_ACCURACY_EMA] for r in ema], "s--", label="EMA weights")
+    ax.set(xlabel="step", ylabel="accuracy", title="Accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_expert_load(fig, ax, loads: list[dict]) -> None:
+    names = loads[-1][L.ROUTER_NAMES]
+    experts = len(loads[-1][L.EXPERT_LOAD][0])
+    # rows: router-major (router 0 expert 0..E-1, router 1 ...); columns: log windows
+    matrix = [[window[L.EXPERT_LOAD][r][e] for window in loads] for r in range(len(names)) for e in range(experts)]
+    last_steps = [w[L.STEP] for w in loads]
+    first_step = loads[0][L.LOAD_WINDOW][0] if L.LOAD_WINDOW in loads[0] else last_steps[0]
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+                      extent=(first_step - 0.5, last_steps[-1] + 0.5, len(matrix) - 0.5, -0.5))
+    for r in range(1, len(names)):
+        ax.axhline(r * experts - 0.5, color="white", lw=0.6)
+    ax.set_yticks([r * experts + (experts - 1) / 2 for r in range(len(names))], names, fontsize=7)
+    ax.set(xlabel="step", ylabel=f"experts 0-{experts - 1} of each router",
+           title=f"Expert load (share of tokens; uniform = {1 / experts:.3f})")
+    fig.colorbar(image, ax=ax)
 
 
 def plot_expert_load_stacked(windows: list[dict[str, Any]], router_names: list[str], title: str,
