@@ -294,7 +294,8 @@ def _limit(value: str) -> int | float:
     return int(number) if number >= 1 and number.is_integer() else number
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`pnet-eval`'s options: zero-shot tasks and, from `perplexity.add_arguments`, perplexity."""
     parser = argparse.ArgumentParser(prog="pnet-eval", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="saved model folders (or Hub ids when online)")
     parser.add_argument(
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> None:
         help="run the model folder's own code (auto_map); pnet_llama / llama folders load without it",
     )
     perplexity.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     batch_size = args.batch_size
     if batch_size is not None and batch_size.isdigit():
