@@ -7,6 +7,8 @@ token, so the active compute equals the dense projection's.
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 # Checked before anything else is imported: outside the supported range, importing raises rather than computing.
 from .transformers_version import TRANSFORMERS_REQUIREMENT
@@ -28,19 +30,24 @@ def _is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _canonical_projections(value):
-    """A non-empty list of distinct names from MOE_PROJECTION_NAMES, in the canonical order gate, up, down."""
+def _is_projection_list(value) -> bool:
+    """A non-empty list (or tuple) of distinct names from MOE_PROJECTION_NAMES."""
     if not isinstance(value, (list, tuple)) or not value or any(item not in MOE_PROJECTION_NAMES for item in value):
-        return None
-    return [item for item in MOE_PROJECTION_NAMES if item in value] if len(set(value)) == len(value) else None
+        return False
+    return len(set(value)) == len(value)
+
+
+class FieldRule(NamedTuple):
+    accepts: Callable[[Any], bool]
+    allowed: str  # what the error says the value "must ..."
+    canonical: Callable[[Any], Any] | None = None  # the form stored, when it is not the value as given
 
 
 # Single-field rules, checked whenever a field is set: at construction and on assignment afterwards (an edited config
 # reaches the model and the saved config.json). Rules between fields (e.g. heads dividing hidden_size) are LLaMA's,
 # checked at construction by `validate_architecture`, since a multi-step edit passes through states that break them.
-# Each rule: (accepts the value, "must ..." naming what is allowed).
-_POSITIVE_INT = (lambda value: _is_int(value) and value >= 1, "be an integer >= 1")
-_NON_NEGATIVE = (lambda value: _is_finite(value) and value >= 0, "be a finite number >= 0")
+_POSITIVE_INT = FieldRule(lambda value: _is_int(value) and value >= 1, "be an integer >= 1")
+_NON_NEGATIVE = FieldRule(lambda value: _is_finite(value) and value >= 0, "be a finite number >= 0")
 FIELD_RULES = {
     **dict.fromkeys(
         (
@@ -54,19 +61,27 @@ FIELD_RULES = {
         ),
         _POSITIVE_INT,
     ),
-    "num_key_value_heads": (lambda value: value is None or _POSITIVE_INT[0](value), "be None or an integer >= 1"),
-    "moe_projections": (
-        lambda value: _canonical_projections(value) is not None,
+    "num_key_value_heads": FieldRule(
+        lambda value: value is None or _POSITIVE_INT.accepts(value), "be None or an integer >= 1"
+    ),
+    "moe_projections": FieldRule(
+        _is_projection_list,
         f"be a non-empty list of distinct names drawn from {list(MOE_PROJECTION_NAMES)}",
+        # stored in the canonical order gate, up, down (the order of a layer's router logits)
+        lambda value: [item for item in MOE_PROJECTION_NAMES if item in value],
     ),
     "router_aux_loss_coef": _NON_NEGATIVE,
     "router_z_loss_coef": _NON_NEGATIVE,
-    "router_jitter_noise": (lambda value: _is_finite(value) and 0 <= value < 1, "lie in [0, 1)"),
-    "expert_capacity_factor": (
+    "router_jitter_noise": FieldRule(lambda value: _is_finite(value) and 0 <= value < 1, "lie in [0, 1)"),
+    "expert_capacity_factor": FieldRule(
         lambda value: value is None or _is_finite(value) and value > 0, "be None (dropless) or a number > 0"
     ),
-    "expert_output_scaling": (lambda value: value in EXPERT_OUTPUT_SCALINGS, f"be one of {list(EXPERT_OUTPUT_SCALINGS)}"),
-    "mlp_bias": (lambda value: not value, "be False for pnet_llama: experts have no bias (the paper's counts)"),
+    "expert_output_scaling": FieldRule(
+        lambda value: value in EXPERT_OUTPUT_SCALINGS, f"be one of {list(EXPERT_OUTPUT_SCALINGS)}"
+    ),
+    "mlp_bias": FieldRule(
+        lambda value: not value, "be False for pnet_llama: experts have no bias (the paper's counts)"
+    ),
 }
 
 
@@ -126,12 +141,12 @@ class PNetLlamaConfig(LlamaConfig):
     output_router_logits: bool = False
 
     def __setattr__(self, name, value):
-        if name in FIELD_RULES:
-            accepts, allowed = FIELD_RULES[name]
-            if not accepts(value):
-                raise ValueError(f"{name} must {allowed}, got {value!r}")
-            if name == "moe_projections":
-                value = _canonical_projections(value)
+        rule = FIELD_RULES.get(name)
+        if rule is not None:
+            if not rule.accepts(value):
+                raise ValueError(f"{name} must {rule.allowed}, got {value!r}")
+            if rule.canonical is not None:
+                value = rule.canonical(value)
         super().__setattr__(name, value)
 
 
