@@ -308,23 +308,16 @@ def evaluate_perplexity(
     `trust_remote_code=False` loads PNet folders with the classes of this installed package, never the folder's own
     Python files (`pnet.model_loading.trust_remote_code_for`).
     """
-    import torch
+    from pnet_eval.zero_shot import checked_models, device_and_dtype, trust_after_weight_check
 
-    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
-    from pnet_eval.zero_shot import check_model, default_dtype
-
-    model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
-    models = list(dict.fromkeys(check_model(m) for m in model_dirs))
+    models = checked_models(model_dirs)
     text_files = load_text_files(files, text_field)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
     if prefix_token_id is not None:
         for model in models:
             check_prefix_token_id(model, prefix_token_id)
-    # Decided from config.json alone, before any model loads: PNet folders load with the installed classes.
-    trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}
-    for model in models:
-        check_checkpoint_weights(model, trust[model])
+    trust = trust_after_weight_check(models, trust_remote_code)
     out_dirs = results_dirs(models, output_dir)
 
     def earlier_result(out: Path) -> str | None:  # the same files scored before (other files' results are kept)
@@ -333,8 +326,7 @@ def evaluate_perplexity(
         return f"{out / PERPLEXITY_RESULTS_FILE} (files {again})" if again else None
 
     prepare_results_dirs(out_dirs, earlier_result, overwrite)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or default_dtype(device)
+    device, dtype = device_and_dtype(device, dtype)
 
     return [
         score_model(model, text_files, out_dirs[model], trust_remote_code=trust[model], text_field=text_field,

@@ -150,9 +150,34 @@ def data_source(local_dir: Path | None) -> str:
     return "bundled" if local_dir == BUNDLED_DATA_DIR else f"local:{local_dir}"
 
 
+def checked_models(model_dirs: str | list[str]) -> list[str]:
+    """The model folders (or Hub ids), each checked by `check_model`, in order and without repeats."""
+    model_dirs = [model_dirs] if isinstance(model_dirs, str) else model_dirs
+    return list(dict.fromkeys(check_model(m) for m in model_dirs))
+
+
+def trust_after_weight_check(models: list[str], trust_remote_code: bool) -> dict[str, bool]:
+    """Whether each model folder's own code may run (decided from config.json alone: PNet folders load with the
+    installed classes), after checking that its weights are those of its class; all before any model loads."""
+    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
+
+    trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}
+    for model in models:
+        check_checkpoint_weights(model, trust[model])
+    return trust
+
+
 def default_dtype(device: str) -> str:
     """bf16 on GPUs; fp32 on CPU, where bf16 matmuls are far slower than fp32."""
     return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """The device (default: cuda if available) and dtype (default: `default_dtype` of that device)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or default_dtype(device)
 
 
 def summarize(lm_eval_results: dict[str, Any], tasks: list[ZeroShotTask], local: bool) -> dict[str, dict]:
@@ -200,18 +225,11 @@ def evaluate(
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("backend 'vllm' needs vLLM installed beside pnet (README \"Serving\": scripts/setup_vllm.sh)")
     batch_size = BACKENDS[backend] if batch_size is None else batch_size
-    import torch
     from lm_eval.tasks import TaskManager
 
-    from pnet.model_loading import check_checkpoint_weights, trust_remote_code_for
-
-    model_dirs = [model_dirs] if isinstance(model_dirs, str) else list(model_dirs)
-
-    models = list(dict.fromkeys(check_model(m) for m in model_dirs))
+    models = checked_models(model_dirs)
     selected = resolve_tasks(tasks)
-    trust = {model: trust_remote_code_for(model, trust_remote_code) for model in models}  # before any loading
-    for model in models:
-        check_checkpoint_weights(model, trust[model])
+    trust = trust_after_weight_check(models, trust_remote_code)
     out_dirs = perplexity.results_dirs(models, output_dir)
     perplexity.prepare_results_dirs(out_dirs, earlier_result, overwrite)
     local_dir = resolve_data_dir(data_dir)
@@ -225,8 +243,7 @@ def evaluate(
     else:
         task_manager = TaskManager()
         task_names = [t.upstream_task for t in selected]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or default_dtype(device)
+    device, dtype = device_and_dtype(device, dtype)
     if backend == "vllm" and device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         # vLLM's CPU default reserves 92% of the machine's memory for its KV cache and refuses to start when other
         # processes already hold more than 8% (seen on an idle 24 GB machine). Scoring needs far less.
@@ -351,9 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.tasks is not None:
             resolve_tasks(args.tasks)  # a bad task name fails before the perplexity run, not after it
             if args.perplexity:  # and so do the zero-shot results' folders
-                models = list(dict.fromkeys(check_model(m) for m in args.models))
-                perplexity.prepare_results_dirs(perplexity.results_dirs(models, args.output_dir), earlier_result,
-                                                args.overwrite)
+                out_dirs = perplexity.results_dirs(checked_models(args.models), args.output_dir)
+                perplexity.prepare_results_dirs(out_dirs, earlier_result, args.overwrite)
         if args.perplexity:
             perplexity.evaluate_perplexity(
                 args.models,
