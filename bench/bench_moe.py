@@ -19,14 +19,24 @@ Prints, per thread count, each as a ratio against its baseline from this run (go
   3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95); the router's per-token cost is fixed, so the
      ratio grows with the model (`--hidden 1024`);
   4. once: peak resident memory of building each model and running two AdamW steps, each in a fresh process.
+
+`--against REV` adds the model package of a git revision (e.g. the commit an issue was filed on) as a third model with
+the same weights to parts 2 and 3, so that "speed holds" is a same-run ratio, not a comparison of figures taken on
+different days.
 """
 
 import argparse
+import atexit
+import importlib
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -69,6 +79,23 @@ def round_ratios(times: dict[str, list[float]], baseline: str, candidate: str) -
     return f"(rounds {min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def candidate_spreads(rounds: dict[str, list[float]]) -> dict[tuple[str, str], str]:
+    """The round spread of every (baseline, candidate) pair printed: each model against dense, and today's PNet
+    against the PNet of `--against`."""
+    pairs = [("dense", kind) for kind in rounds if kind != "dense"]
+    pairs += [(kind, "pnet") for kind in rounds if kind.startswith("pnet@")]
+    return {pair: round_ratios(rounds, *pair) for pair in pairs}
+
+
+def print_ratios(throughput: dict, goal: str) -> None:
+    """One line per (baseline, candidate) pair of `throughput` (tokens/s per model, its "spread" from
+    `candidate_spreads`)."""
+    for (baseline, candidate), spread in throughput["spread"].items():
+        ratio = throughput[candidate] / throughput[baseline]
+        print(f"      {candidate} / {baseline}{'':<{max(0, 22 - len(candidate + baseline))}} {ratio:.3f} {spread}"
+              f"{goal if baseline == 'dense' and candidate == 'pnet' else ''}")
+
+
 def model_configs(args) -> tuple[dict, dict]:
     dense = dict(
         vocab_size=args.vocab,
@@ -90,6 +117,35 @@ def build(kind: str, args) -> torch.nn.Module:
     if kind == "dense":
         return LlamaForCausalLM(LlamaConfig(**dense))
     return PNetLlamaForCausalLM(PNetLlamaConfig(**pnet))
+
+
+def package_at_revision(revision: str):
+    """`modeling_pnet_llama` as it was at git `revision`, imported under another name beside today's package. Its
+    `__init__` (which would re-register the Auto classes) is left out: the bench builds the classes directly."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(
+        ["git", "-C", repo, "archive", revision, "modeling_pnet_llama"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        raise SystemExit(f"--against {revision!r}: git archive failed: {archive.stderr.decode().strip()}")
+    root = tempfile.mkdtemp(prefix="pnet-bench-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    name = "pnet_llama_at_" + "".join(c if c.isalnum() else "_" for c in revision)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(root, filter="data")
+    os.rename(os.path.join(root, "modeling_pnet_llama"), os.path.join(root, name))
+    open(os.path.join(root, name, "__init__.py"), "w").close()
+    sys.path.insert(0, root)
+    configuration = importlib.import_module(f"{name}.configuration_pnet_llama")
+    modeling = importlib.import_module(f"{name}.modeling_pnet_llama")
+    return configuration.PNetLlamaConfig, modeling.PNetLlamaForCausalLM
+
+
+def build_at_revision(revision: str, args, same_weights_as: torch.nn.Module) -> torch.nn.Module:
+    config_class, model_class = package_at_revision(revision)
+    model = model_class(config_class(**model_configs(args)[1]))
+    model.load_state_dict(same_weights_as.state_dict(), strict=True)  # same weights: same routing, same work
+    return model
 
 
 def bench_projection(args) -> dict:
@@ -210,7 +266,7 @@ def bench_training(args, models: dict) -> dict:
     for key, fn in (("fwd_bwd", forward_backward), ("step", full_step)):
         rounds = interleaved_seconds({kind: fn(kind) for kind in models}, args.repeats)
         result[key] = {kind: tokens / seconds for kind, seconds in medians(rounds).items()}
-        result[key]["spread"] = round_ratios(rounds, "dense", "pnet")
+        result[key]["spread"] = candidate_spreads(rounds)
     return result
 
 
@@ -237,7 +293,7 @@ def bench_generation(args, models: dict) -> dict:
 
     rounds = interleaved_seconds({kind: generate(kind) for kind in models}, args.repeats)
     result = {kind: args.new_tokens / seconds for kind, seconds in medians(rounds).items()}
-    result["spread"] = round_ratios(rounds, "dense", "pnet")
+    result["spread"] = candidate_spreads(rounds)
     return result
 
 
@@ -272,7 +328,7 @@ def bench_memory(args) -> dict:
     for kind in ("dense", "pnet"):
         command = [sys.executable, __file__, "--memory-child", kind] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("memory_child", "threads", "parts")
+            if k not in ("memory_child", "threads", "parts", "against")
         ] + ["--threads", str(args.threads[0])]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result[kind] = json.loads(out.strip().splitlines()[-1])
@@ -314,6 +370,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
+    parser.add_argument(
+        "--against", metavar="REV", help="also time the model package of this git revision (parts 2 and 3)"
+    )
     parser.add_argument("--memory-child", choices=["dense", "pnet"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -324,6 +383,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, fp32, medians of {args.repeats} interleaved rounds")
     print(f"config: {json.dumps({k: v for k, v in vars(args).items() if k != 'memory_child'})}")
     models = {"dense": build("dense", args), "pnet": build("pnet", args)}
+    if args.against:
+        models[f"pnet@{args.against}"] = build_at_revision(args.against, args, same_weights_as=models["pnet"])
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n===== {threads} thread(s) =====")
@@ -334,15 +395,14 @@ def main() -> None:
             print(f"[2] training tokens/s, batch {args.batch} x {args.seq_len}")
             for key, label, goal in (("fwd_bwd", "forward+backward", "   (goal >= 0.95)"),
                                      ("step", "step incl. AdamW", "")):
-                dense, pnet = train[key]["dense"], train[key]["pnet"]
-                print(f"    {label:<17} dense {dense:9.1f}   pnet {pnet:9.1f}   ratio {pnet / dense:.3f} "
-                      f"{train[key]['spread']}{goal}")
+                print(f"    {label:<17} " + "   ".join(f"{kind} {train[key][kind]:9.1f}" for kind in models))
+                print_ratios(train[key], goal)
         if "generation" in args.parts:
             gen = bench_generation(args, models)
             print(f"[3] greedy generation tokens/s, batch 1, KV cache, {args.new_tokens} new tokens; fp32 weights: "
                   + ", ".join(f"{kind} {weight_mib(model):.0f} MiB" for kind, model in models.items()))
-            print(f"    dense {gen['dense']:9.1f}   pnet {gen['pnet']:9.1f}   ratio {gen['pnet'] / gen['dense']:.3f} "
-                  f"{gen['spread']}   (goal >= 0.95)")
+            print("    " + "   ".join(f"{kind} {gen[kind]:9.1f}" for kind in models))
+            print_ratios(gen, "   (goal >= 0.95)")
 
     if "memory" in args.parts:
         mem = bench_memory(args)

@@ -1,0 +1,59 @@
+"""bench/bench_moe.py --against REV: another revision's model package, timed beside today's with the same weights."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def git_checkout(repo_root):
+    if subprocess.run(["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+
+
+@pytest.fixture
+def bench_moe(repo_root, git_checkout, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    import bench_moe
+
+    return bench_moe
+
+
+TINY = ["--hidden", "64", "--layers", "1", "--vocab", "128", "--batch", "1", "--seq-len", "8", "--new-tokens", "2",
+        "--experts", "2", "--repeats", "1", "--threads", "1"]
+
+
+def test_revision_package_gets_the_same_weights_and_computes_the_same_logits(bench_moe, repo_root):
+    args = argparse.Namespace(vocab=128, hidden=64, layers=1, seq_len=8, new_tokens=2, experts=2, projection="down")
+    today = bench_moe.build("pnet", args)
+    at_head = bench_moe.build_at_revision("HEAD", args, same_weights_as=today)
+    assert type(at_head).__module__.startswith("pnet_llama_at_HEAD.")  # not today's module under another name
+    assert at_head.state_dict().keys() == today.state_dict().keys()
+    tokens = torch.randint(3, 128, (1, 8))
+    # HEAD's model code is the working tree's in CI (a clean clone): same weights, same routing, same logits.
+    if not subprocess.run(["git", "-C", str(repo_root), "diff", "--quiet", "HEAD", "--", "modeling_pnet_llama"]).returncode:
+        torch.testing.assert_close(at_head(tokens).logits, today(tokens).logits, rtol=0, atol=0)
+
+
+def test_against_prints_the_ratio_to_the_revision(repo_root, git_checkout):
+    result = subprocess.run(
+        [sys.executable, "bench/bench_moe.py", *TINY, "--parts", "training", "generation", "--against", "HEAD"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # forward+backward, step and generation: each with the pnet / pnet@HEAD line and its round spread
+    assert result.stdout.count("pnet / pnet@HEAD") == 3
+    assert result.stdout.count("pnet@HEAD / dense") == 3
+
+
+def test_unknown_revision_is_refused_naming_it(repo_root):
+    result = subprocess.run(
+        [sys.executable, "bench/bench_moe.py", *TINY, "--parts", "training", "--against", "no-such-revision"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--against 'no-such-revision': git archive failed" in result.stderr
+    assert "training tokens/s" not in result.stdout  # refused before any timing
