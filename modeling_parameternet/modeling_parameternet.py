@@ -27,6 +27,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_parameternet import ParameterNetConfig
+from .routed_linear import RoutedWeightsLoading
 
 
 def make_divisible(value: float, divisor: int, round_limit: float = 0.9) -> int:
@@ -327,9 +328,13 @@ class ParameterNetBottleneck(nn.Module):
         return self.ghost_project(hidden_states) + residual
 
 
-class ParameterNetPreTrainedModel(PreTrainedModel):
+class ParameterNetPreTrainedModel(RoutedWeightsLoading, PreTrainedModel):
+    """Initialisation, and loading that refuses to random-initialise expert kernels or routing layers
+    (`RoutedWeightsLoading`)."""
+
     config: ParameterNetConfig
     config_class = ParameterNetConfig
+    routed_module_types = (DynamicConv2d,)
     base_model_prefix = "parameternet"
     main_input_name = "pixel_values"
     input_modalities = ("image",)

@@ -29,7 +29,13 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_pnet_swin import PNetSwinConfig
-from .routed_linear import ExpertLinear, TopOneRouter, load_balancing_loss, replacing_dense_modules
+from .routed_linear import (
+    ExpertLinear,
+    RoutedWeightsLoading,
+    TopOneRouter,
+    load_balancing_loss,
+    replacing_dense_modules,
+)
 
 
 class PNetSwinMoEMLP(SwinMLP):
@@ -90,9 +96,13 @@ class PNetSwinImageClassifierOutput(SwinImageClassifierOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class PNetSwinPreTrainedModel(SwinPreTrainedModel):
+class PNetSwinPreTrainedModel(RoutedWeightsLoading, SwinPreTrainedModel):
+    """Swin's pretrained-model base plus the routed MLPs' init, router-logit capture, and loading that refuses to
+    random-initialise routers or experts (`RoutedWeightsLoading`)."""
+
     config: PNetSwinConfig
     config_class = PNetSwinConfig
+    routing_config_keys = ("num_experts", "moe_blocks")
     _can_record_outputs = {
         **(SwinPreTrainedModel._can_record_outputs or {}),
         "router_logits": OutputRecorder(TopOneRouter, index=0),

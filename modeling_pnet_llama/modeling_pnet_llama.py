@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, maybe_install_ca
 from .configuration_pnet_llama import PNetLlamaConfig
 from .routed_linear import (
     ExpertLinear,
+    RoutedWeightsLoading,
     RouterOutput,
     TopOneRouter,
     load_balancing_loss,
@@ -171,12 +172,14 @@ _AUTO_MAP = {
 }
 
 
-class PNetLlamaPreTrainedModel(LlamaPreTrainedModel):
+class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
     """LLaMA's pretrained-model base plus what the routed projections need: weight init of experts and routers,
     router-logit capture (an `OutputRecorder` hook on every `TopOneRouter`), the router losses, and loading that
-    refuses to random-initialise routers or experts."""
+    refuses to random-initialise routers or experts (`RoutedWeightsLoading`)."""
 
     config: PNetLlamaConfig
+    routing_config_keys = ("num_experts", "moe_projections", "shared_router")
+    dense_checkpoint_hint = "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
     _no_split_modules = ["PNetLlamaDecoderLayer"]
     _can_record_outputs = {
         **LlamaPreTrainedModel._can_record_outputs,
@@ -197,33 +200,6 @@ class PNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         # `AutoModelForSequenceClassification` for SST-2 fine-tuning).
         self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks router or expert weights (or holds them
-        in another shape, e.g. saved with another `num_experts`): those would be random-initialised silently. Other
-        missing weights get transformers' usual report."""
-        return_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        routed = {
-            f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (ExpertLinear, TopOneRouter))
-        }
-        missing = sorted(key for key in loading_info["missing_keys"] if key in routed)
-        mismatched = sorted(
-            f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(shape)}"
-            for key, ckpt, shape in loading_info["mismatched_keys"]
-            if key in routed
-        )
-        if missing or mismatched:
-            config = model.config
-            raise ValueError(
-                f"checkpoint does not match this PNet-LLaMA config (num_experts={config.num_experts}, "
-                f"moe_projections={config.moe_projections}, shared_router={config.shared_router}); refusing to "
-                f"random-initialise routers or experts. Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. "
-                "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
-            )
-        return (model, loading_info) if return_loading_info else model
 
     def router_losses(
         self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None, seq_len: int

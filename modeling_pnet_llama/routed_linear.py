@@ -11,6 +11,7 @@ checkpoints) and the vLLM model (`pnet/vllm_pnet_llama.py`).
   grouped matmul (`F.grouped_mm`, or transformers' per-expert fallback operator where grouped_mm does not take the
   operands); optional Switch capacity.
 - `load_balancing_loss`, `router_z_loss`: the router losses, over the non-padding tokens, averaged over routers.
+- `RoutedWeightsLoading`: `from_pretrained` that refuses to random-initialise routers or experts.
 """
 
 import contextlib
@@ -220,6 +221,42 @@ class ExpertLinear(nn.Module):
         )
 
 
+class RoutedWeightsLoading:
+    """Mixin (before the transformers base class) for a model with routed modules: `from_pretrained` refuses a
+    checkpoint that lacks a weight of a `routed_module_types` module, or holds it in another shape (saved with another
+    `num_experts`). transformers would random-initialise it, reported in a log line only, and the model would compute
+    nonsense. Other missing weights get transformers' usual report."""
+
+    routed_module_types: tuple[type[nn.Module], ...] = (ExpertLinear, TopOneRouter)
+    routing_config_keys: tuple[str, ...] = ("num_experts",)  # named in the error
+    dense_checkpoint_hint: str = ""  # how to start from a dense checkpoint instead, when this model has a way
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        routed = {
+            f"{module_name}.{param_name}"
+            for module_name, module in model.named_modules()
+            if isinstance(module, cls.routed_module_types)
+            for param_name, _ in module.named_parameters()
+        }
+        missing = sorted(key for key in loading_info["missing_keys"] if key in routed)
+        mismatched = sorted(
+            f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(shape)}"
+            for key, ckpt, shape in loading_info["mismatched_keys"]
+            if key in routed
+        )
+        if missing or mismatched:
+            settings = ", ".join(f"{key}={getattr(model.config, key)!r}" for key in cls.routing_config_keys)
+            raise ValueError(
+                f"checkpoint does not match this {type(model).__name__} ({settings}); refusing to random-initialise "
+                f"routers or experts. Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. {cls.dense_checkpoint_hint}".rstrip()
+            )
+        return (model, loading_info) if return_loading_info else model
+
+
 @contextlib.contextmanager
 def replacing_dense_modules(module: nn.Module):
     """Run a transformers constructor whose dense modules the block then replaces with routed ones, on the meta
@@ -273,6 +310,7 @@ def router_z_loss(
 
 __all__ = [
     "ExpertLinear",
+    "RoutedWeightsLoading",
     "RouterOutput",
     "TopOneRouter",
     "expert_capacity",
