@@ -12,7 +12,6 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-# --- PNet-LLaMA ---------------------------------------------------------------------------------------------------------
 from .configuration_pnet_llama import PNetLlamaConfig
 from .modeling_pnet_llama import (
     PNetCausalLMOutputWithPast,

@@ -48,19 +48,10 @@ class FieldRule(NamedTuple):
 # checked at construction by `validate_architecture`, since a multi-step edit passes through states that break them.
 _POSITIVE_INT = FieldRule(lambda value: _is_int(value) and value >= 1, "be an integer >= 1")
 _NON_NEGATIVE = FieldRule(lambda value: _is_finite(value) and value >= 0, "be a finite number >= 0")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "max_position_embeddings", "num_experts")
 FIELD_RULES = {
-    **dict.fromkeys(
-        (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-            "num_experts",
-        ),
-        _POSITIVE_INT,
-    ),
+    **dict.fromkeys(_SIZES, _POSITIVE_INT),
     "num_key_value_heads": FieldRule(
         lambda value: value is None or _POSITIVE_INT.accepts(value), "be None or an integer >= 1"
     ),

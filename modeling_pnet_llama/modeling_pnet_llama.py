@@ -51,11 +51,6 @@ from .routed_linear import (
 logger = logging.get_logger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# MLP
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 class PNetLlamaMLP(nn.Module):
     """LLaMA's SwiGLU FFN `down(act(gate(x)) * up(x))` in which the projections named in `config.moe_projections`
     are `ExpertLinear`s. Routers: one per routed projection on that projection's input (`shared_router=False`,
@@ -109,11 +104,6 @@ class PNetLlamaMLP(nn.Module):
         return ["shared"] if self.shared_router else list(self.moe_projections)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoder layer
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 class PNetLlamaDecoderLayer(LlamaDecoderLayer):
     """LLaMA's decoder layer (attention, norms, forward: inherited) whose MLP is a `PNetLlamaMLP`."""
 
@@ -121,11 +111,6 @@ class PNetLlamaDecoderLayer(LlamaDecoderLayer):
         with replacing_dense_modules(self):  # LlamaDecoderLayer's dense LlamaMLP
             super().__init__(config, layer_idx)
             self.mlp = PNetLlamaMLP(config)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -159,10 +144,6 @@ def _as_output(output_class: type[ModelOutput], base_outputs: ModelOutput, **fie
     carried = {key: value for key, value in base_outputs.items() if key in output_class.__dataclass_fields__}
     return output_class(**{**carried, **fields})
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------------
 
 _AUTO_MAP = {
     "AutoConfig": "configuration_pnet_llama.PNetLlamaConfig",
