@@ -92,8 +92,8 @@ def print_ratios(throughput: dict, goal: str) -> None:
     `candidate_spreads`)."""
     for (baseline, candidate), spread in throughput["spread"].items():
         ratio = throughput[candidate] / throughput[baseline]
-        print(f"      {candidate} / {baseline}{'':<{max(0, 22 - len(candidate + baseline))}} {ratio:.3f} {spread}"
-              f"{goal if baseline == 'dense' and candidate == 'pnet' else ''}")
+        goal_note = goal if (baseline, candidate) == ("dense", "pnet") else ""
+        print(f"      {candidate + ' / ' + baseline:<25} {ratio:.3f} {spread}{goal_note}")
 
 
 def model_configs(args) -> tuple[dict, dict]:

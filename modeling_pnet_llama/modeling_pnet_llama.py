@@ -160,7 +160,9 @@ class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
 
     config: PNetLlamaConfig
     routing_config_keys = ("num_experts", "moe_projections", "shared_router")
-    dense_checkpoint_hint = "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
+    dense_checkpoint_hint = (
+        "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
+    )
     _no_split_modules = ["PNetLlamaDecoderLayer"]
     _can_record_outputs = {
         **LlamaPreTrainedModel._can_record_outputs,

@@ -249,10 +249,11 @@ class RoutedWeightsLoading:
         )
         if missing or mismatched:
             settings = ", ".join(f"{key}={getattr(model.config, key)!r}" for key in cls.routing_config_keys)
+            hint = f" {cls.dense_checkpoint_hint}" if cls.dense_checkpoint_hint else ""
             raise ValueError(
                 f"checkpoint does not match this {type(model).__name__} ({settings}); refusing to random-initialise "
                 f"routers or experts. Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. {cls.dense_checkpoint_hint}".rstrip()
+                f"mismatched: {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}.{hint}"
             )
         return (model, loading_info) if return_loading_info else model
 

@@ -17,8 +17,9 @@ from modeling_parameternet.routed_linear import ExpertLinear, TopOneRouter
 
 
 def parameternet(**overrides):
-    config = dict(num_channels=3, image_size=32, width_multiplier=0.5, stages=[[[3, 16, 16, 0, 1]], [[3, 48, 24, 0.25, 2]]],
-                  feature_channels=64, head_channels=64, num_labels=5, num_experts=4)
+    config = dict(num_channels=3, image_size=32, width_multiplier=0.5,
+                  stages=[[[3, 16, 16, 0, 1]], [[3, 48, 24, 0.25, 2]]], feature_channels=64, head_channels=64,
+                  num_labels=5, num_experts=4)
     return ParameterNetForImageClassification, ParameterNetConfig(**{**config, **overrides})
 
 
@@ -46,7 +47,7 @@ def saved(request, tmp_path):
     torch.manual_seed(0)
     model = model_class(config).eval()
     model.save_pretrained(tmp_path / "ok")
-    return build, model, first_key(model, *router), first_key(model, *experts), tmp_path
+    return model, first_key(model, *router), first_key(model, *experts), tmp_path
 
 
 def save_without(model, weights: dict, key: str, folder) -> None:
@@ -55,17 +56,18 @@ def save_without(model, weights: dict, key: str, folder) -> None:
 
 
 def test_missing_router_or_expert_weight_is_refused_naming_it(saved):
-    build, model, router_key, experts_key, tmp_path = saved
+    model, router_key, experts_key, tmp_path = saved
     weights = load_file(tmp_path / "ok" / "model.safetensors")
     assert router_key in weights and experts_key in weights
     for key in (router_key, experts_key):
         save_without(model, weights, key, tmp_path / "partial")
-        with pytest.raises(ValueError, match=rf"refusing to random-initialise routers or experts\. Missing: \['{key}'\]"):
+        refusal = rf"refusing to random-initialise routers or experts\. Missing: \['{key}'\]"
+        with pytest.raises(ValueError, match=refusal):
             type(model).from_pretrained(tmp_path / "partial")
 
 
 def test_another_num_experts_is_refused(saved):
-    build, model, router_key, experts_key, tmp_path = saved
+    model, router_key, experts_key, tmp_path = saved
     # transformers raises on the size mismatch itself unless told to ignore it; told so, it would random-initialise.
     with pytest.raises((RuntimeError, ValueError), match="mismatch"):
         type(model).from_pretrained(tmp_path / "ok", num_experts=2)
@@ -74,7 +76,7 @@ def test_another_num_experts_is_refused(saved):
 
 
 def test_complete_checkpoint_loads_and_missing_plain_weight_gets_the_usual_report(saved):
-    build, model, router_key, experts_key, tmp_path = saved
+    model, router_key, experts_key, tmp_path = saved
     loaded, info = type(model).from_pretrained(tmp_path / "ok", output_loading_info=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
