@@ -104,7 +104,7 @@ class PNetLlamaConfig(LlamaConfig):
             How the chosen expert's output is scaled. `"router_prob"`: by the top-1 router probability p (Switch,
             official ParameterNet). `"straight_through"`: by p / stop_gradient(p), whose value is exactly 1 but whose
             gradient is the router-probability gradient divided by p; used by sparse upcycling so that the upcycled
-            model computes the dense model's function at step 0 (see `PNetLlamaForCausalLM.from_llama`).
+            model computes the dense model's function at step 0 (see `pnet.upcycle.upcycle_llama`).
         output_router_logits (`bool`, defaults to `False`):
             Whether the model returns the router logits (the aux/z losses are computed whenever labels are given).
 

@@ -1,15 +1,10 @@
 """PNet-LLaMA: LLaMA with top-1 routed FFN projections (ParameterNet, Han et al., arXiv 2306.14525, Table 7).
 
-Each routed projection (gate, up and/or down) holds `num_experts` weight matrices in one 3-D tensor
-`(num_experts, out_features, in_features)`. A Switch top-1 router (linear, no bias, softmax in float32) picks one
-expert per token and the expert's output is multiplied by the router probability, so the per-token compute equals
-the dense projection's while the parameter count grows about `num_experts`-fold for that projection.
-
-Everything else is transformers' LLaMA, inherited rather than copied: the decoder layer, the model (embeddings,
-cache, positions, masks, the layer loop) and the heads' plumbing come from `LlamaDecoderLayer`, `LlamaModel`,
-`LlamaForCausalLM` and `LlamaForSequenceClassification` of the transformers release that runs this file. This file
-defines only what ParameterNet changes: the MLP (its routed projections come from `routed_linear.py`, shared with
-PNet-Swin and the vLLM model), the loss with the router losses, and the output types.
+Each routed projection (gate, up and/or down) holds `num_experts` weight matrices; a Switch top-1 router picks one per
+token and scales its output by the router probability: the dense projection's compute, ~`num_experts` times its
+parameters. Everything else is the running transformers release's LLaMA, inherited: this file defines only the MLP
+(its routed projections come from `routed_linear.py`, shared with PNet-Swin and the vLLM model), the router losses
+added to the heads' losses, and the output types.
 """
 
 from dataclasses import dataclass
@@ -161,7 +156,7 @@ class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
     config: PNetLlamaConfig
     routing_config_keys = ("num_experts", "moe_projections", "shared_router")
     dense_checkpoint_hint = (
-        "To upcycle a dense LLaMA use PNetLlamaForCausalLM.from_llama (or the pnet-upcycle command)."
+        "To upcycle a dense LLaMA use the pnet-upcycle command (pnet.upcycle.upcycle_llama)."
     )
     _no_split_modules = ["PNetLlamaDecoderLayer"]
     _can_record_outputs = {
@@ -184,35 +179,50 @@ class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
         self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def router_losses(
-        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None, seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled (load-balancing loss, z-loss) over the non-padding tokens, averaged over routers."""
-        if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:
-            # Reentrant checkpointing runs each layer's first forward without autograd: the routers still train
-            # through the task loss (the expert output is scaled by the router probability), as Mixtral's do.
-            logger.warning_once(
-                "router logits were recorded without gradient (reentrant gradient checkpointing): the load-balancing "
-                "and z-losses are reported but do not train the routers. Non-reentrant checkpointing "
-                "(gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) trains them."
+    def _hand_router_logits_to_head(self) -> None:
+        # A head's inherited forward returns the backbone's cache, hidden states and attentions but not its router
+        # logits: one hook, installed once, hands them to `_forward_with_router_losses`.
+        self._router_logits = None
+        self.model.register_forward_hook(self._keep_router_logits)
+
+    def _keep_router_logits(self, module: nn.Module, args: tuple, output: ModelOutput) -> None:
+        self._router_logits = getattr(output, "router_logits", None)
+
+    def _forward_with_router_losses(
+        self, head_forward, output_class, task_loss_name, labels, output_router_logits, **inputs
+    ) -> ModelOutput:
+        """`head_forward` (the inherited LLaMA head's forward: its logits and task loss) plus the router losses:
+        `loss = task loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`, the unscaled losses over
+        the non-padding tokens, averaged over routers."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        need_router_logits = output_router_logits or labels is not None
+        outputs = head_forward(labels=labels, output_router_logits=need_router_logits, return_dict=True, **inputs)
+        router_logits, self._router_logits = self._router_logits, None
+        fields = {task_loss_name: outputs.loss, "router_logits": router_logits if output_router_logits else None}
+        if need_router_logits:
+            if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:
+                # Reentrant checkpointing runs each layer's first forward without autograd: the routers still train
+                # through the task loss (the expert output is scaled by the router probability), as Mixtral's do.
+                logger.warning_once(
+                    "router logits were recorded without gradient (reentrant gradient checkpointing): the "
+                    "load-balancing and z-losses are reported but do not train the routers. Non-reentrant "
+                    "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) "
+                    "trains them."
+                )
+            tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            # the (batch, seq_len) mask of the current tokens: a 2-D attention mask may also cover the cache
+            mask = inputs.get("attention_mask")
+            mask = mask[:, -tokens.shape[1]:] if mask is not None and mask.dim() == 2 else None
+            fields["aux_loss"] = load_balancing_loss(router_logits, mask)
+            fields["z_loss"] = router_z_loss(router_logits, mask)
+        if labels is not None:
+            fields["loss"] = (
+                outputs.loss
+                + self.config.router_aux_loss_coef * fields["aux_loss"].to(outputs.loss.device)
+                + self.config.router_z_loss_coef * fields["z_loss"].to(outputs.loss.device)
             )
-        token_mask = _token_mask(attention_mask, seq_len)
-        return load_balancing_loss(router_logits, token_mask), router_z_loss(router_logits, token_mask)
-
-    def add_router_losses(self, task_loss: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
-        """`loss = task_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`."""
-        return (
-            task_loss
-            + self.config.router_aux_loss_coef * aux_loss.to(task_loss.device)
-            + self.config.router_z_loss_coef * z_loss.to(task_loss.device)
-        )
-
-
-def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """The (batch, seq_len) 0/1 mask of the current tokens from a 2-D attention mask that may also cover the cache."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    return attention_mask[:, -seq_len:]
+        return _as_output(output_class, outputs, **fields)
 
 
 class PNetLlamaModel(PNetLlamaPreTrainedModel, LlamaModel):
@@ -234,13 +244,14 @@ class PNetLlamaModel(PNetLlamaPreTrainedModel, LlamaModel):
 
 
 class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
-    """`PNetLlamaModel` with LLaMA's LM head; training loss = LM loss + weighted router losses; `from_llama` upcycles."""
+    """`PNetLlamaModel` with LLaMA's LM head; training loss = LM loss + weighted router losses."""
 
     def __init__(self, config: PNetLlamaConfig):
         with replacing_dense_modules(self):  # LlamaForCausalLM's dense LlamaModel
             super().__init__(config)
             self.model = PNetLlamaModel(config)
         self.post_init()
+        self._hand_router_logits_to_head()
 
     @can_return_tuple
     def forward(
@@ -256,9 +267,9 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, Generatio
         **kwargs: Unpack[TransformersKwargs],
     ) -> PNetCausalLMOutputWithPast:
         r"""
-        The arguments of `LlamaForCausalLM.forward`. The cache (`cache=` from transformers 5.24 on, `past_key_values=`
-        before) reaches `LlamaModel` through `kwargs` under the name the caller used, and comes back in the output
-        under this release's name.
+        `LlamaForCausalLM.forward` (named here because generation reads the signature) plus the router losses. The
+        cache (`cache=` from transformers 5.24 on, `past_key_values=` before) passes through `kwargs` under the name
+        the caller used, and comes back in the output under this release's name.
 
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside the loss); -100 is ignored. When given, `loss` includes the router
@@ -266,93 +277,11 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, Generatio
         output_router_logits (`bool`, *optional*):
             Return the router logits (defaults to `config.output_router_logits`).
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        need_router_logits = output_router_logits or labels is not None
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=need_router_logits,
-            **kwargs,
+        return self._forward_with_router_losses(
+            super().forward, PNetCausalLMOutputWithPast, "lm_loss", labels, output_router_logits,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
-        # Logits only where needed: an int keeps the last n positions (0: all), a tensor selects positions.
-        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, positions, :])
-
-        aux_loss = z_loss = None
-        if need_router_logits:
-            aux_loss, z_loss = self.router_losses(
-                outputs.router_logits, attention_mask, outputs.last_hidden_state.shape[1]
-            )
-        loss = lm_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = self.add_router_losses(lm_loss, aux_loss, z_loss)
-        return _as_output(
-            PNetCausalLMOutputWithPast,
-            outputs,
-            loss=loss,
-            lm_loss=lm_loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            logits=logits,
-            router_logits=outputs.router_logits if output_router_logits else None,
-        )
-
-    @classmethod
-    def from_llama(
-        cls,
-        dense_model_or_path: "nn.Module | str",
-        num_experts: int = 8,
-        moe_projections: list[str] | tuple[str, ...] = ("down",),
-        **config_overrides,
-    ) -> "PNetLlamaForCausalLM":
-        """Sparse upcycling: a PNet-LLaMA whose experts are all copies of a dense LLaMA's projections.
-
-        `dense_model_or_path`: a `LlamaForCausalLM` (or any causal LM with LLaMA's parameter names), or a Hub id /
-        local folder loaded with `AutoModelForCausalLM.from_pretrained` (one code path for both).
-
-        With `expert_output_scaling="router_prob"` (Switch) an upcycled token would compute p * W x with p < 1, not
-        the dense W x; so upcycled models default to `expert_output_scaling="straight_through"`: the expert output is
-        multiplied by p / stop_gradient(p), exactly 1.0 in value, and the router still gets the gradient of p (divided
-        by p). At step 0 the upcycled model therefore computes the dense function for any `num_experts`, while the
-        routers (freshly initialised) learn as in Switch. Pass `expert_output_scaling="router_prob"` to override.
-        """
-        if isinstance(dense_model_or_path, (str, bytes)) or hasattr(dense_model_or_path, "__fspath__"):
-            from transformers import AutoModelForCausalLM
-
-            dense = AutoModelForCausalLM.from_pretrained(dense_model_or_path)
-        else:
-            dense = dense_model_or_path
-        dense_config = dense.config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-            dense_config.pop(key, None)
-        dense_config.update(
-            num_experts=num_experts,
-            moe_projections=list(moe_projections),
-            expert_output_scaling="straight_through",
-        )
-        dense_config.update(config_overrides)
-        config = PNetLlamaConfig(**dense_config)
-
-        model = cls(config).to(dtype=dense.dtype, device=dense.device)
-        # "...mlp.down_proj.weight" of a routed projection -> a copy in every expert
-        routed_suffixes = tuple(f"mlp.{name}_proj.weight" for name in config.moe_projections)
-        upcycled_state = {
-            key: value.expand(config.num_experts, *value.shape).clone() if key.endswith(routed_suffixes) else value
-            for key, value in dense.state_dict().items()
-        }
-        result = model.load_state_dict(upcycled_state, strict=False)
-        not_routers = [key for key in result.missing_keys if not key.endswith("router.weight")]
-        if not_routers or result.unexpected_keys:
-            raise ValueError(
-                f"dense model {type(dense).__name__} does not have LLaMA's parameter layout: missing "
-                f"{not_routers[:8]}, unexpected {list(result.unexpected_keys)[:8]}"
-            )
-        return model
 
 
 class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSequenceClassification):
@@ -367,13 +296,7 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         self.model = PNetLlamaModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-        # The inherited forward returns the backbone's cache, hidden states and attentions but not its router
-        # logits: one hook, installed once, hands them to `forward`.
-        self._router_logits = None
-        self.model.register_forward_hook(self._keep_router_logits)
-
-    def _keep_router_logits(self, module: nn.Module, args: tuple, output: ModelOutput) -> None:
-        self._router_logits = getattr(output, "router_logits", None)
+        self._hand_router_logits_to_head()
 
     @can_return_tuple
     def forward(
@@ -385,34 +308,16 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         **kwargs: Unpack[TransformersKwargs],
     ) -> PNetSequenceClassifierOutputWithPast:
         r"""
-        The arguments of `LlamaForSequenceClassification.forward` (positions, cache, embeddings: through `kwargs`).
+        `LlamaForSequenceClassification.forward` (positions, cache, embeddings: through `kwargs`) plus the router
+        losses.
 
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or regression targets with `num_labels == 1`); `problem_type` picks the loss as in
             transformers. `loss` = task loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        need_router_logits = output_router_logits or labels is not None
-        outputs = super().forward(
-            input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=need_router_logits,
-            return_dict=True, **kwargs
-        )
-        router_logits, self._router_logits = self._router_logits, None
-        aux_loss = z_loss = loss = None
-        if need_router_logits:
-            seq_len = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-            aux_loss, z_loss = self.router_losses(router_logits, attention_mask, seq_len)
-        if labels is not None:
-            loss = self.add_router_losses(outputs.loss, aux_loss, z_loss)
-        return _as_output(
-            PNetSequenceClassifierOutputWithPast,
-            outputs,
-            loss=loss,
-            task_loss=outputs.loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            router_logits=router_logits if output_router_logits else None,
+        return self._forward_with_router_losses(
+            super().forward, PNetSequenceClassifierOutputWithPast, "task_loss", labels, output_router_logits,
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs,
         )
 
 

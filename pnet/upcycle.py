@@ -102,6 +102,46 @@ def check_dense_config_keys(llama: str, dense_config) -> None:
                          "run scripts/get_real_model.sh again)") from None
 
 
+def upcycle_llama(dense_model_or_path, num_experts: int = 8, moe_projections=("down",), **config_overrides):
+    """Sparse upcycling in memory: a `PNetLlamaForCausalLM` whose experts are all copies of a dense LLaMA's
+    projections, with fresh routers (seeded by torch's global generator).
+
+    `dense_model_or_path`: a `LlamaForCausalLM` (or any causal LM with LLaMA's parameter names), or a Hub id / local
+    folder loaded with `AutoModelForCausalLM.from_pretrained` (a LLaMA folder carries no code: nothing is executed).
+    `config_overrides` are PNet-LLaMA config fields. The default `expert_output_scaling="straight_through"` (value
+    exactly 1, router gradient kept) makes the upcycled model compute the dense function at step 0 for any
+    `num_experts`; Switch's `"router_prob"` would scale every output by p < 1."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+
+    if isinstance(dense_model_or_path, (str, bytes)) or hasattr(dense_model_or_path, "__fspath__"):
+        dense = AutoModelForCausalLM.from_pretrained(dense_model_or_path)
+    else:
+        dense = dense_model_or_path
+    dense_config = dense.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        dense_config.pop(key, None)
+    dense_config.update(num_experts=num_experts, moe_projections=list(moe_projections),
+                        expert_output_scaling="straight_through")
+    dense_config.update(config_overrides)
+    config = PNetLlamaConfig(**dense_config)
+    model = PNetLlamaForCausalLM(config).to(dtype=dense.dtype, device=dense.device)
+
+    # "...mlp.down_proj.weight" of a routed projection -> a copy in every expert
+    routed_suffixes = tuple(f"mlp.{name}_proj.weight" for name in config.moe_projections)
+    upcycled_state = {
+        key: value.expand(config.num_experts, *value.shape).clone() if key.endswith(routed_suffixes) else value
+        for key, value in dense.state_dict().items()
+    }
+    result = model.load_state_dict(upcycled_state, strict=False)
+    not_routers = [key for key in result.missing_keys if not key.endswith("router.weight")]
+    if not_routers or result.unexpected_keys:
+        raise ValueError(f"dense model {type(dense).__name__} does not have LLaMA's parameter layout: missing "
+                         f"{not_routers[:8]}, unexpected {list(result.unexpected_keys)[:8]}")
+    return model
+
+
 def max_logit_difference(dense, upcycled, vocab_size: int) -> float:
     """Largest |logit| difference between the two models on a fixed batch of 2 x 32 token ids."""
     import torch
@@ -176,7 +216,6 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_pnet_llama import PNetLlamaForCausalLM
     from pnet.checkpoint import publish_dir
     from pnet.model_loading import prepare_tokenizer_for_model
 
@@ -184,9 +223,8 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
 
     dense = AutoModelForCausalLM.from_pretrained(llama).eval()
     torch.manual_seed(seed)  # the fresh routers: the same command writes the same folder
-    model = PNetLlamaForCausalLM.from_llama(dense, num_experts=num_experts, moe_projections=projections,
-                                            expert_output_scaling=expert_output_scaling,
-                                            shared_router=shared_router).eval()
+    model = upcycle_llama(dense, num_experts=num_experts, moe_projections=projections,
+                          expert_output_scaling=expert_output_scaling, shared_router=shared_router).eval()
     difference = max_logit_difference(dense, model, dense_config.vocab_size)
     if expert_output_scaling == "straight_through" and difference > FUNCTION_PRESERVED_ATOL:
         raise RuntimeError(f"the upcycled model does not compute the dense function: max |logit difference| "

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
+from pnet.upcycle import upcycle_llama
 from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
 
 # The cache keyword of this transformers release (`cache` from 5.24 on, `past_key_values` before): tests speak to
@@ -404,7 +405,7 @@ def test_dense_llama_of_the_same_weights_matches_at_one_expert():
     """E = 1 with straight-through scaling is LLaMA: the inherited attention/cache path and ours agree exactly."""
     torch.manual_seed(14)
     dense = LlamaForCausalLM(LlamaConfig(**BASE)).eval()
-    model = PNetLlamaForCausalLM.from_llama(dense, num_experts=1, moe_projections=["gate", "up", "down"]).eval()
+    model = upcycle_llama(dense, num_experts=1, moe_projections=["gate", "up", "down"]).eval()
     prompt = prompts()
     assert torch.equal(greedy(model, prompt), greedy(dense, prompt))
     json.dumps(model.config.to_dict())  # serialisable

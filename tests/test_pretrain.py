@@ -26,6 +26,7 @@ from pnet import run_log as L
 from pnet.checkpoint import ResumeError, list_checkpoints
 from pnet.config import ConfigError, load_pretrain_config, read_yaml
 from pnet.data import DataRecordError
+from pnet.upcycle import upcycle_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "configs/pretrain/tiny-cpu.yaml"
@@ -352,19 +353,18 @@ def test_bad_data_record_stops_before_training_or_is_skipped_and_counted(tmp_pat
 # ------------------------------------------------------------------------------------------------- init_from
 
 def test_init_from_continues_an_upcycled_dense_run(tmp_path):
-    """Tiny dense run -> upcycled with PNetLlamaForCausalLM.from_llama -> saved -> continued with init_from: the first
+    """Tiny dense run -> upcycled with pnet.upcycle.upcycle_llama -> saved -> continued with init_from: the first
     logged LM loss is the dense model's loss on the same batch (the function is preserved), with a fresh data
     position (the same first batch as the dense run), and training goes on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_pnet_llama import PNetLlamaForCausalLM
     from pnet.data import PackedBatchIterator, build_train_stream, load_tokenizer
 
     dense_model = tmp_path / "llama-tiny.json"
     dense_model.write_text(json.dumps(TINY_DENSE))
     dense_final = run_in_process(dense_model, tmp_path / "dense", "max_steps=8")
     upcycled = tmp_path / "upcycled"
-    PNetLlamaForCausalLM.from_llama(str(dense_final), num_experts=4, moe_projections=["up"]).save_pretrained(upcycled)
+    upcycle_llama(str(dense_final), num_experts=4, moe_projections=["up"]).save_pretrained(upcycled)
     AutoTokenizer.from_pretrained(dense_final).save_pretrained(upcycled)
 
     continued = pretrain.main(["--config", str(TINY_CONFIG), *TINY_OVERRIDES, "model=null", f"init_from={upcycled}",
