@@ -9,8 +9,6 @@ probability, as in the official ParameterNet LLaMA code. The Switch load-balanci
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +32,9 @@ from .routed_linear import (
     RoutedWeightsLoading,
     TopOneRouter,
     load_balancing_loss,
+    relay_router_logits,
     replacing_dense_modules,
+    take_router_logits,
 )
 
 
@@ -55,25 +55,6 @@ class PNetSwinMoEMLP(SwinMLP):
         route = self.router(tokens)
         output = self.fc2(tokens, route.expert_index, route.expert_scale)
         return output.view(*hidden_states.shape[:-1], output.shape[-1])
-
-
-# Router logits on their way out of the encoder. The encoder records them with transformers' output capturing, as
-# PNet-LLaMA does; Swin's model and classifier rebuild their outputs field by field and would drop them, so the
-# PNet-Swin forwards collect them here (a context variable: thread- and re-entry-safe; torch.compile breaks the graph
-# at it, so PNet-Swin compiles without fullgraph=True).
-_ROUTER_LOGITS: ContextVar[list | None] = ContextVar("pnet_swin_router_logits", default=None)
-
-
-@contextlib.contextmanager
-def _collecting_router_logits():
-    outer, logits = _ROUTER_LOGITS.get(), []
-    token = _ROUTER_LOGITS.set(logits)
-    try:
-        yield logits
-    finally:
-        _ROUTER_LOGITS.reset(token)
-        if outer is not None:
-            outer.extend(logits)
 
 
 @dataclass
@@ -119,7 +100,8 @@ class PNetSwinPreTrainedModel(RoutedWeightsLoading, SwinPreTrainedModel):
 
 
 class PNetSwinEncoder(PNetSwinPreTrainedModel, SwinEncoder):
-    """Swin's encoder with the MLPs of `config.moe_blocks` routed; records the router logits."""
+    """Swin's encoder with the MLPs of `config.moe_blocks` routed; records the router logits (transformers' output
+    capturing, as in PNet-LLaMA) when called with `output_router_logits=True`."""
 
     def __init__(self, config: PNetSwinConfig, grid_size: tuple[int, int]):
         with replacing_dense_modules(self):  # the dense MLPs of the routed blocks
@@ -128,14 +110,6 @@ class PNetSwinEncoder(PNetSwinPreTrainedModel, SwinEncoder):
             for index in config.moe_blocks:
                 blocks[index].mlp = PNetSwinMoEMLP(config, blocks[index].mlp.fc1.in_features)
         self.post_init()
-
-    def forward(self, *args, **kwargs):
-        collected = _ROUTER_LOGITS.get()
-        if collected is None:
-            return super().forward(*args, **kwargs)
-        outputs = super().forward(*args, **{**kwargs, "output_router_logits": True})
-        collected.extend(outputs["router_logits"])
-        return outputs
 
 
 class PNetSwinModel(PNetSwinPreTrainedModel, SwinModel):
@@ -146,13 +120,13 @@ class PNetSwinModel(PNetSwinPreTrainedModel, SwinModel):
             super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
             self.encoder = PNetSwinEncoder(config, self.embeddings.patch_grid)
         self.post_init()
+        relay_router_logits(self.encoder)  # SwinModel.forward rebuilds its output without them
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, **kwargs) -> PNetSwinModelOutput:
         """`SwinModel.forward` (same arguments)."""
-        with _collecting_router_logits() as router_logits:
-            outputs = super().forward(pixel_values, return_dict=True, **kwargs)
-        return PNetSwinModelOutput(**outputs, router_logits=tuple(router_logits))
+        outputs = super().forward(pixel_values, return_dict=True, **{**kwargs, "output_router_logits": True})
+        return PNetSwinModelOutput(**outputs, router_logits=take_router_logits(self.encoder))
 
 
 class PNetSwinForImageClassification(PNetSwinPreTrainedModel, SwinForImageClassification):
@@ -164,14 +138,15 @@ class PNetSwinForImageClassification(PNetSwinPreTrainedModel, SwinForImageClassi
             super().__init__(config)
             self.swin = PNetSwinModel(config)
         self.post_init()
+        relay_router_logits(self.swin)  # SwinForImageClassification.forward rebuilds its output without them
 
     @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
     ) -> PNetSwinImageClassifierOutput:
         """`SwinForImageClassification.forward` (same arguments)."""
-        with _collecting_router_logits() as router_logits:
-            outputs = super().forward(pixel_values, labels=labels, return_dict=True, **kwargs)
+        outputs = super().forward(pixel_values, labels=labels, return_dict=True, **kwargs)
+        router_logits = take_router_logits(self.swin)
         aux_loss = load_balancing_loss(router_logits) if router_logits else None
         loss = outputs.loss
         if loss is not None and aux_loss is not None:

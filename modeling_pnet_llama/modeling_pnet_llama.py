@@ -38,8 +38,10 @@ from .routed_linear import (
     RouterOutput,
     TopOneRouter,
     load_balancing_loss,
+    relay_router_logits,
     replacing_dense_modules,
     router_z_loss,
+    take_router_logits,
 )
 
 
@@ -179,26 +181,18 @@ class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
         self.config.auto_map = {**_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _hand_router_logits_to_head(self) -> None:
-        # A head's inherited forward returns the backbone's cache, hidden states and attentions but not its router
-        # logits: one hook, installed once, hands them to `_forward_with_router_losses`.
-        self._router_logits = None
-        self.model.register_forward_hook(self._keep_router_logits)
-
-    def _keep_router_logits(self, module: nn.Module, args: tuple, output: ModelOutput) -> None:
-        self._router_logits = getattr(output, "router_logits", None)
-
     def _forward_with_router_losses(
         self, head_forward, output_class, task_loss_name, labels, output_router_logits, **inputs
     ) -> ModelOutput:
-        """`head_forward` (the inherited LLaMA head's forward: its logits and task loss) plus the router losses:
+        """`head_forward` (the inherited LLaMA head's forward: its logits and task loss; the backbone's router logits
+        reach here through `relay_router_logits`) plus the router losses:
         `loss = task loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`, the unscaled losses over
         the non-padding tokens, averaged over routers."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
         outputs = head_forward(labels=labels, output_router_logits=need_router_logits, return_dict=True, **inputs)
-        router_logits, self._router_logits = self._router_logits, None
+        router_logits = take_router_logits(self.model)
         fields = {task_loss_name: outputs.loss, "router_logits": router_logits if output_router_logits else None}
         if need_router_logits:
             if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:
@@ -251,7 +245,7 @@ class PNetLlamaForCausalLM(PNetLlamaPreTrainedModel, LlamaForCausalLM, Generatio
             super().__init__(config)
             self.model = PNetLlamaModel(config)
         self.post_init()
-        self._hand_router_logits_to_head()
+        relay_router_logits(self.model)
 
     @can_return_tuple
     def forward(
@@ -296,7 +290,7 @@ class PNetLlamaForSequenceClassification(PNetLlamaPreTrainedModel, LlamaForSeque
         self.model = PNetLlamaModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-        self._hand_router_logits_to_head()
+        relay_router_logits(self.model)
 
     @can_return_tuple
     def forward(

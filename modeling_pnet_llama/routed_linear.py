@@ -258,6 +258,26 @@ class RoutedWeightsLoading:
         return (model, loading_info) if return_loading_info else model
 
 
+def relay_router_logits(submodule: nn.Module) -> None:
+    """For a model whose inherited forward calls `submodule`, which returns `router_logits`, and then rebuilds its own
+    output without them (transformers' LLaMA heads, Swin's model and classifier): a forward hook, installed once, keeps
+    them on `submodule` until `take_router_logits(submodule)`, so the inherited forward runs as it is (and compiles
+    with `fullgraph=True`). They are kept on the submodule that ran, not on its caller: each `nn.DataParallel` replica
+    reads its own."""
+    submodule._relayed_router_logits = None
+    submodule.register_forward_hook(_keep_router_logits)
+
+
+def _keep_router_logits(module: nn.Module, args: tuple, output) -> None:
+    module._relayed_router_logits = getattr(output, "router_logits", None)
+
+
+def take_router_logits(submodule: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The router logits of `submodule`'s last forward (see `relay_router_logits`); none are kept afterwards."""
+    router_logits, submodule._relayed_router_logits = submodule._relayed_router_logits, None
+    return router_logits
+
+
 @contextlib.contextmanager
 def replacing_dense_modules(module: nn.Module):
     """Run a transformers constructor whose dense modules the block then replaces with routed ones, on the meta
@@ -318,8 +338,10 @@ __all__ = [
     "grouped_linear",
     "grouped_mm_takes",
     "load_balancing_loss",
+    "relay_router_logits",
     "replacing_dense_modules",
     "routed_matmul",
     "router_z_loss",
     "sort_by_expert",
+    "take_router_logits",
 ]

@@ -50,3 +50,19 @@ def tiny_pnet_dir(tmp_path_factory) -> Path:
     PNetLlamaForCausalLM(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(REPO_ROOT / "data" / "tokenizer" / "llama").save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def data_parallel_replica():
+    """`replica(model)`: what `torch.nn.parallel.replicate` (nn.DataParallel) builds for one device, without devices
+    or tensor copies: every module is `_replicate_for_data_parallel()`'s shallow copy, which shares the original's
+    forward hooks, with its children and parameters relinked to the copies."""
+
+    def replica(model: torch.nn.Module) -> torch.nn.Module:
+        copies = {module: module._replicate_for_data_parallel() for module in model.modules()}
+        for module, copy in copies.items():
+            copy._modules = {name: copies.get(child) for name, child in module._modules.items()}
+            copy._parameters = dict(module._parameters)
+        return copies[model]
+
+    return replica

@@ -383,12 +383,27 @@ def test_sequence_classification_forward_loss_and_save_load(tmp_path):
     assert len(routed.router_logits) == len(model.model.router_names()) > 0
     assert routed.router_logits[0].shape == (14, 2) and routed.loss is None
     torch.testing.assert_close(routed.aux_loss, load_balancing_loss(routed.router_logits, attention_mask))
-    assert model(input_ids).router_logits is None and model._router_logits is None  # nothing kept after a forward
+    assert model(input_ids).router_logits is None and model.model._relayed_router_logits is None  # none kept
     assert isinstance(model(input_ids, labels=labels, return_dict=False), tuple)
     # A causal-LM checkpoint initialises the backbone of the classifier (the new head is the only missing weight).
     PNetLlamaForCausalLM(tiny_config(num_experts=2)).save_pretrained(tmp_path / "lm")
     classifier = PNetLlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pad_token_id=0)
     assert classifier(input_ids, attention_mask=attention_mask).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("head", [PNetLlamaForCausalLM, PNetLlamaForSequenceClassification])
+def test_router_losses_in_a_data_parallel_replica(head, data_parallel_replica):
+    """nn.DataParallel runs shallow copies that share the original modules' forward hooks: each copy's head must add
+    the router losses of its own backbone's routing (the relayed logits are kept on the backbone that ran)."""
+    torch.manual_seed(0)
+    model = head(tiny_config(num_experts=4, num_labels=3, pad_token_id=0)).eval()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 7))
+    labels = input_ids if head is PNetLlamaForCausalLM else torch.tensor([0, 2])
+    expected = model(input_ids, labels=labels, output_router_logits=True)
+    out = data_parallel_replica(model)(input_ids, labels=labels, output_router_logits=True)
+    assert len(out.router_logits) == len(expected.router_logits) == 2 and expected.aux_loss > 1.0
+    for name in ("loss", "aux_loss", "z_loss", "logits"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=0)
 
 
 def test_no_dense_decoder_or_mlp_is_allocated(monkeypatch):

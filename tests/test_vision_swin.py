@@ -125,6 +125,20 @@ def test_loss_adds_load_balancing():
     assert not out.to_tuple()[0].isnan()
 
 
+def test_router_logits_compile_fullgraph_and_reach_data_parallel_replicas(data_parallel_replica):
+    """The router logits travel from the encoder to the classifier's loss through hooks, not a context variable:
+    the classifier compiles as one graph, and a DataParallel copy adds its own routing's load-balancing loss."""
+    model = tiny_pnet_swin(router_aux_loss_coef=0.5)
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    expected = model(pixels, labels=labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")(pixels, labels=labels)
+    for out in (compiled, data_parallel_replica(model)(pixels, labels=labels)):
+        assert len(out.router_logits) == 3
+        for name in ("loss", "aux_loss", "logits"):
+            torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=1e-6, atol=1e-6)
+
+
 def test_load_balancing_loss_non_uniform_routing_by_hand():
     """N * sum_i f_i * P_i on routing that is not uniform, so a wrong fraction term shows: argmax fractions
     f = (3/4, 1/4), mean probabilities P = (0.5875, 0.4125): 2 * (0.75 * 0.5875 + 0.25 * 0.4125) = 1.0875 (with f
