@@ -273,8 +273,15 @@ def _keep_router_logits(module: nn.Module, args: tuple, output) -> None:
 
 
 def take_router_logits(submodule: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """The router logits of `submodule`'s last forward (see `relay_router_logits`); none are kept afterwards."""
-    router_logits, submodule._relayed_router_logits = submodule._relayed_router_logits, None
+    """The router logits of `submodule`'s last forward (see `relay_router_logits`); none are kept afterwards (they
+    would pin that forward's graph). When `submodule` has since been wrapped (FSDP, `torch.compile`), they are on the
+    module the wrapper holds: a wrapper's one child."""
+    holder = submodule
+    while holder is not None and "_relayed_router_logits" not in vars(holder):
+        holder = next(holder.children(), None)
+    if holder is None:
+        raise RuntimeError(f"{type(submodule).__name__} relays no router logits: was it replaced after construction?")
+    router_logits, holder._relayed_router_logits = holder._relayed_router_logits, None
     return router_logits
 
 

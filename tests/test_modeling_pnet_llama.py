@@ -391,6 +391,32 @@ def test_sequence_classification_forward_loss_and_save_load(tmp_path):
     assert classifier(input_ids, attention_mask=attention_mask).logits.shape == (2, 3)
 
 
+@pytest.mark.parametrize("wrapper", ["torch.compile", "DistributedDataParallel"])
+def test_router_losses_with_a_wrapped_backbone(wrapper, tmp_path):
+    """A backbone wrapped after construction keeps the relayed logits on the module inside the wrapper, whether the
+    wrapper forwards attribute writes to it (torch.compile) or not (DDP, FSDP): every forward, not only the first, adds
+    the router losses of its own routing."""
+    torch.manual_seed(0)
+    model = PNetLlamaForCausalLM(tiny_config(num_experts=4)).eval()
+    batches = [torch.randint(1, TINY["vocab_size"], (2, 7)) for _ in range(2)]
+    expected = [model(batch, labels=batch) for batch in batches]
+    torch._dynamo.reset()
+    if wrapper == "torch.compile":
+        model.model = torch.compile(model.model, backend="eager")
+    else:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+        model.model = torch.nn.parallel.DistributedDataParallel(model.model)
+    try:
+        for batch, reference in zip(batches, expected):
+            out = model(batch, labels=batch)
+            torch.testing.assert_close(out.aux_loss, reference.aux_loss, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-6)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert expected[0].aux_loss != expected[1].aux_loss
+
+
 @pytest.mark.parametrize("head", [PNetLlamaForCausalLM, PNetLlamaForSequenceClassification])
 def test_router_losses_in_a_data_parallel_replica(head, data_parallel_replica):
     """nn.DataParallel runs shallow copies that share the original modules' forward hooks: each copy's head must add
