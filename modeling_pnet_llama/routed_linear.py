@@ -274,8 +274,8 @@ def _keep_router_logits(module: nn.Module, args: tuple, output) -> None:
 
 def take_router_logits(submodule: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """The router logits of `submodule`'s last forward (see `relay_router_logits`); none are kept afterwards (they
-    would pin that forward's graph). When `submodule` has since been wrapped (FSDP, `torch.compile`), they are on the
-    module the wrapper holds: a wrapper's one child."""
+    would pin that forward's graph). When `submodule` has since been wrapped by a module that does not forward
+    attribute writes (DDP, FSDP), they are on the module the wrapper holds: its one child."""
     holder = submodule
     while holder is not None and "_relayed_router_logits" not in vars(holder):
         holder = next(holder.children(), None)

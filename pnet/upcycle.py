@@ -12,7 +12,8 @@ differ from the start and the routers have something to tell apart; the model th
 function exactly (the command prints the distance). The folder holds safetensors weights, a config with ``auto_map``
 and the model code (loads anywhere with ``trust_remote_code=True``), the dense model's tokenizer (with a pad token and
 ``model_max_length``), a record of how it was upcycled (``upcycling.json``) and a model card that says so. Continue
-training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``.
+training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``. In Python, ``upcycle_llama(dense, ...)``
+returns the upcycled model in memory (no checks of paths, no folder).
 """
 
 from __future__ import annotations
