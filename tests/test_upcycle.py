@@ -50,6 +50,18 @@ def test_upcycling_from_a_saved_folder(tmp_path):
     torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, rtol=0, atol=1e-4)
 
 
+def test_upcycling_takes_config_overrides_over_its_defaults():
+    """`expert_output_scaling` given explicitly replaces the straight-through default (Switch's p-scaled output:
+    the dense function no longer holds at step 0); other PNet fields pass through."""
+    dense = tiny_dense(seed=3)
+    model = upcycle_llama(dense, num_experts=4, moe_projections=["up"], expert_output_scaling="router_prob",
+                          shared_router=True, router_aux_loss_coef=0.1).eval()
+    config = model.config
+    assert (config.expert_output_scaling, config.shared_router, config.router_aux_loss_coef) == ("router_prob", True, 0.1)
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    assert (model(input_ids).logits - dense(input_ids).logits).abs().max() > 1e-3
+
+
 @pytest.fixture
 def dense_dir(tmp_path, repo_root):
     torch.manual_seed(0)
