@@ -192,7 +192,8 @@ class PNetLlamaPreTrainedModel(RoutedWeightsLoading, LlamaPreTrainedModel):
             output_router_logits = self.config.output_router_logits
         need_router_logits = output_router_logits or labels is not None
         outputs = head_forward(labels=labels, output_router_logits=need_router_logits, return_dict=True, **inputs)
-        router_logits = take_router_logits(self.model)
+        # Not asked for, the backbone returned none (its hook kept None): nothing to take, nothing pinned.
+        router_logits = take_router_logits(self.model) if need_router_logits else None
         fields = {task_loss_name: outputs.loss, "router_logits": router_logits if output_router_logits else None}
         if need_router_logits:
             if self.training and torch.is_grad_enabled() and not router_logits[0].requires_grad:

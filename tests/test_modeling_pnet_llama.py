@@ -417,6 +417,18 @@ def test_router_losses_with_a_wrapped_backbone(wrapper, tmp_path):
     assert expected[0].aux_loss != expected[1].aux_loss
 
 
+def test_a_backbone_replaced_after_construction_infers_and_refuses_to_train_without_router_losses():
+    """A backbone swapped in after construction has no relay: inference (no router logits asked for) is unaffected,
+    and a forward that needs the router losses says so rather than training without them."""
+    torch.manual_seed(0)
+    model = PNetLlamaForCausalLM(tiny_config(num_experts=2)).eval()
+    model.model = PNetLlamaModel(tiny_config(num_experts=2))
+    input_ids = torch.randint(1, TINY["vocab_size"], (1, 5))
+    assert model(input_ids).logits.shape == (1, 5, TINY["vocab_size"])
+    with pytest.raises(RuntimeError, match="PNetLlamaModel relays no router logits: was it replaced after construction"):
+        model(input_ids, labels=input_ids)
+
+
 @pytest.mark.parametrize("head", [PNetLlamaForCausalLM, PNetLlamaForSequenceClassification])
 def test_router_losses_in_a_data_parallel_replica(head, data_parallel_replica):
     """nn.DataParallel runs shallow copies that share the original modules' forward hooks: each copy's head must add

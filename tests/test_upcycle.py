@@ -57,15 +57,15 @@ def test_upcycling_takes_config_overrides_over_its_defaults():
     model = upcycle_llama(dense, num_experts=4, moe_projections=["up"], expert_output_scaling="router_prob",
                           shared_router=True, router_aux_loss_coef=0.1).eval()
     config = model.config
-    assert (config.expert_output_scaling, config.shared_router, config.router_aux_loss_coef) == ("router_prob", True, 0.1)
+    settings = (config.expert_output_scaling, config.shared_router, config.router_aux_loss_coef)
+    assert settings == ("router_prob", True, 0.1)
     input_ids = torch.randint(0, TINY["vocab_size"], (2, 10))
     assert (model(input_ids).logits - dense(input_ids).logits).abs().max() > 1e-3
 
 
 @pytest.fixture
 def dense_dir(tmp_path, repo_root):
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(tmp_path / "dense")
+    tiny_dense(seed=0).save_pretrained(tmp_path / "dense")
     for file in (repo_root / "data" / "tokenizer" / "llama").iterdir():
         if file.suffix in (".json", ".model"):
             shutil.copy(file, tmp_path / "dense" / file.name)
