@@ -42,6 +42,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pnet.checkpoint import write_json_atomic
+from pnet_eval.models import (
+    checked_models,
+    device_and_dtype,
+    lm_eval_model_args,
+    quiet_git_describe,
+    trust_after_weight_check,
+)
 
 PERPLEXITY_RESULTS_FILE = "pnet_perplexity_results.json"
 LM_EVAL_PERPLEXITY_RESULTS_FILE = "lm_eval_perplexity_results.json"
@@ -308,7 +315,6 @@ def evaluate_perplexity(
     `trust_remote_code=False` loads PNet folders with the classes of this installed package, never the folder's own
     Python files (`pnet.model_loading.trust_remote_code_for`).
     """
-    from pnet_eval.zero_shot import checked_models, device_and_dtype, trust_after_weight_check
 
     models = checked_models(model_dirs)
     text_files = load_text_files(files, text_field)
@@ -346,7 +352,6 @@ def score_model(model: str, text_files: list, out: Path, *, trust_remote_code: b
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from pnet_eval.zero_shot import lm_eval_model_args, quiet_git_describe
 
     model_args = lm_eval_model_args(
         "hf",
