@@ -436,6 +436,13 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path, upcycling))
 
 
+def write_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None) -> Path:
+    """Write `build_card`'s card to MODEL_DIR/README.md; returns that path."""
+    path = Path(model_dir) / "README.md"
+    build_card(model_dir, license=license, train_config=train_config).save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pnet-card", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="saved model folder; the card is written to MODEL_DIR/README.md")
@@ -443,11 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-config", default=None, help="the pretraining YAML the model was trained with")
     args = parser.parse_args(argv)
     try:
-        card = build_card(args.model_dir, license=args.license, train_config=args.train_config)
+        path = write_card(args.model_dir, license=args.license, train_config=args.train_config)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"pnet-card: error: {error}\n")
-    path = Path(args.model_dir) / "README.md"
-    card.save(path)
     print(f"wrote {path}")
 
 

@@ -196,13 +196,14 @@ def run_stage(name: str, stage_dir: Path, target: Callable[..., Any], *args: Any
 
 def upcycle_stage(study_dict: dict[str, Any]) -> dict[str, Any]:
     from pnet.upcycle import upcycle
+    from pnet_eval.model_card import write_card
 
     study = UpcycleStudyConfig.model_validate(study_dict)
     out = arm_model(study, "upcycled")
     if (out / "config.json").is_file():  # published by an earlier run whose stage.json was not written
         return {"out_dir": str(out)}
     return upcycle(study.dense_model, out, study.upcycle.num_experts, study.upcycle.projections,
-                   study.upcycle.expert_output_scaling)
+                   study.upcycle.expert_output_scaling, write_card=write_card)
 
 
 def evaluate_stage(study_dict: dict[str, Any], model_dir: str, out_dir: str) -> dict[str, Any]:

@@ -1,31 +1,29 @@
-"""pnet-upcycle: sparse upcycling of a dense LLaMA into a Hub-ready PNet-LLaMA folder.
-
-    pnet-upcycle LLAMA_DIR_OR_HUB_ID OUT_DIR --num-experts 8 --projections up [down gate] [--shared-router]
-                 [--perturb-fraction 0.5 --seed 0]
+"""Sparse upcycling of a dense LLaMA into PNet-LLaMA: `upcycle_llama` (in memory) and `upcycle` (a Hub-ready folder;
+the `pnet-upcycle` command, `pnet_eval.upcycle_command`, adds its model card).
 
 Every expert of a routed projection starts as a copy of the dense projection and the routers are fresh; with the
 default ``straight_through`` output scaling the upcycled model computes the dense model's function at step 0, which
-the command checks on a probe batch before writing anything. ``--perturb-fraction r`` (Drop-Upcycling, Nakamura et
-al., arXiv 2502.19261) then re-initialises a random fraction r of each expert's intermediate dimensions, different for
+`upcycle` checks on a probe batch before writing anything. ``perturb_fraction=r`` (Drop-Upcycling, Nakamura et al.,
+arXiv 2502.19261) then re-initialises a random fraction r of each expert's intermediate dimensions, different for
 each expert, from a normal distribution with the dense matrix's mean and standard deviation, so that the experts
 differ from the start and the routers have something to tell apart; the model then no longer computes the dense
-function exactly (the command prints the distance). The folder holds safetensors weights, a config with ``auto_map``
-and the model code (loads anywhere with ``trust_remote_code=True``), the dense model's tokenizer (with a pad token and
-``model_max_length``), a record of how it was upcycled (``upcycling.json``) and a model card that says so. Continue
-training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``. In Python, ``upcycle_llama(dense, ...)``
-returns the upcycled model in memory (no checks of paths, no folder).
+function exactly (the distance is reported). The folder holds safetensors weights, a config with ``auto_map`` and the
+model code (loads anywhere with ``trust_remote_code=True``), the dense model's tokenizer (with a pad token and
+``model_max_length``), a record of how it was upcycled (``upcycling.json``) and, when the caller passes a card writer,
+a model card. Continue training it with ``scripts/pretrain.py`` and ``init_from: OUT_DIR``. ``upcycle_llama(dense,
+...)`` returns the upcycled model in memory (no checks of paths, no folder).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Callable
 import os
 import shutil
 from pathlib import Path
 
 from pnet.checkpoint import file_sha256
-from pnet.run_lock import OutputLockedError, OutputNotWritableError, exclusive_output
+from pnet.run_lock import exclusive_output
 from pnet.run_log import UPCYCLING_FILE
 
 # Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `--help` and argument
@@ -194,21 +192,23 @@ def local_name(llama: str) -> str:
 
 def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list[str],
             expert_output_scaling: str = "straight_through", overwrite: bool = False, shared_router: bool = False,
-            perturb_fraction: float = 0.0, seed: int = 0) -> dict:
+            perturb_fraction: float = 0.0, seed: int = 0, write_card: Callable[[Path], object] | None = None) -> dict:
     """Upcycle the LLaMA folder or Hub id ``llama`` into ``out_dir``; returns a summary (parameter counts, the
     function check). Arguments and paths are checked before any weight is read; the folder appears complete or not
-    at all."""
+    at all. ``write_card(folder)`` writes the model card into the folder before it is published (the card reads the
+    saved folder; `pnet-upcycle` passes `pnet_eval.model_card.write_card`, which this layer may not import)."""
     check_arguments(num_experts, projections, expert_output_scaling, perturb_fraction)
     out_dir = Path(out_dir)
     check_paths(llama, out_dir, overwrite)
     # OUT_DIR is replaced whole (written beside, then renamed), so its lock is a file beside it.
     with exclusive_output(out_dir, lock_path=out_dir.with_name(f".{out_dir.name}.pnet-upcycle.lock")):
         return _upcycle(llama, out_dir, num_experts, projections, expert_output_scaling, shared_router,
-                        perturb_fraction, seed)
+                        perturb_fraction, seed, write_card)
 
 
 def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str], expert_output_scaling: str,
-             shared_router: bool, perturb_fraction: float, seed: int) -> dict:
+             shared_router: bool, perturb_fraction: float, seed: int,
+             write_card: Callable[[Path], object] | None) -> dict:
     dense_config = load_dense_config(llama)
     if dense_config.model_type != "llama":
         raise ValueError(f"{llama}: model_type {dense_config.model_type!r}; pnet-upcycle takes a dense LLaMA "
@@ -254,9 +254,8 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / UPCYCLING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    from pnet_eval.model_card import build_card  # the card reads the saved folder
-
-    build_card(tmp).save(tmp / "README.md")
+    if write_card is not None:
+        write_card(tmp)
     publish_dir(tmp, out_dir)
     return {
         "dense_parameters": sum(p.numel() for p in dense.parameters()),
@@ -264,34 +263,3 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
         "max_logit_difference": difference,
         "out_dir": str(out_dir),
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pnet-upcycle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("llama", help="dense LLaMA: a saved folder or a Hub id")
-    parser.add_argument("out_dir", help="the PNet-LLaMA folder to write (never the dense folder itself)")
-    parser.add_argument("--num-experts", type=int, default=8, help="experts per routed projection (default: 8)")
-    parser.add_argument("--projections", nargs="+", default=["down"], metavar="NAME",
-                        help=f"projections to route, from {list(MOE_PROJECTION_NAMES)} (default: down)")
-    parser.add_argument("--shared-router", action="store_true",
-                        help="one router per layer on the FFN input, followed by every routed projection "
-                             "(default: one router per routed projection)")
-    parser.add_argument("--expert-output-scaling", default="straight_through", choices=EXPERT_OUTPUT_SCALINGS,
-                        help="straight_through (default) keeps the dense function at step 0; router_prob is Switch's")
-    parser.add_argument("--perturb-fraction", type=float, default=0.0, metavar="R",
-                        help="Drop-Upcycling: re-initialise this fraction of each expert's intermediate dimensions "
-                             "(0 <= R <= 1; default: 0, exact copies)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation and of --perturb-fraction (default: 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    args = parser.parse_args(argv)
-    try:
-        summary = upcycle(args.llama, args.out_dir, args.num_experts, args.projections, args.expert_output_scaling,
-                          args.overwrite, args.shared_router, args.perturb_fraction, args.seed)
-    except (ValueError, FileExistsError, FileNotFoundError, OutputLockedError, OutputNotWritableError) as error:
-        parser.error(str(error))
-    print(f"{summary['out_dir']}: {summary['dense_parameters']:,} -> {summary['upcycled_parameters']:,} parameters; "
-          f"max |logit difference| to the dense model on a probe batch: {summary['max_logit_difference']:.2e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import pnet.upcycle as upcycle_module
-from pnet.upcycle import main, upcycle_llama
+from pnet.upcycle import upcycle_llama
+from pnet_eval.upcycle_command import main
 
 TINY = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
@@ -122,7 +123,7 @@ def test_refuses_a_non_llama_folder_and_an_existing_output(dense_dir, tmp_path, 
 
 def test_help_and_argument_errors_import_no_model_code(tmp_path):
     """`pnet-upcycle --help` answered without importing torch / transformers / the model (it took 5.8 s)."""
-    code = ("import sys; from pnet.upcycle import main\n"
+    code = ("import sys; from pnet_eval.upcycle_command import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'modeling_pnet_llama') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
@@ -201,6 +202,23 @@ def test_shared_router_and_drop_upcycling_perturbation(dense_dir, tmp_path):
     card = (tmp_path / "a" / "README.md").read_text()
     assert "Upcycled from the dense LLaMA **dense** by `pnet-upcycle`" in card
     assert "Drop-Upcycling" in card and "25% of the intermediate dimensions" in card and "upcycled" in card
+
+
+def test_the_folder_writer_leaves_the_card_to_its_caller(dense_dir, tmp_path):
+    """`pnet.upcycle.upcycle` writes no card itself (the card writer is in pnet_eval, a layer above); `write_card`
+    runs on the complete folder before it is published."""
+    upcycle_module.upcycle(str(dense_dir), tmp_path / "plain", 2, ["down"])
+    assert "config.json" in {p.name for p in (tmp_path / "plain").iterdir()}
+    assert not (tmp_path / "plain" / "README.md").exists()
+    seen = []
+
+    def record(folder):
+        seen.append((folder.name, (folder / "model.safetensors").is_file(), (folder / "upcycling.json").is_file()))
+        (folder / "README.md").write_text("card")
+
+    upcycle_module.upcycle(str(dense_dir), tmp_path / "carded", 2, ["down"], write_card=record)
+    assert seen == [("carded.tmp", True, True)]
+    assert (tmp_path / "carded" / "README.md").read_text() == "card"
 
 
 @pytest.mark.parametrize("fraction", ["-0.1", "1.5"])

@@ -90,6 +90,7 @@ def build_tiny_upcycled(path: Path, seed: int = 0, **upcycle_kwargs) -> tuple[Pa
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pnet.upcycle import upcycle
+    from pnet_eval.model_card import write_card
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -100,7 +101,7 @@ def build_tiny_upcycled(path: Path, seed: int = 0, **upcycle_kwargs) -> tuple[Pa
     dense, upcycled = path / "dense", path / "upcycled"
     LlamaForCausalLM(config).save_pretrained(dense)
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(dense)
-    upcycle(str(dense), upcycled, seed=seed, **upcycle_kwargs)
+    upcycle(str(dense), upcycled, seed=seed, write_card=write_card, **upcycle_kwargs)
     return dense, upcycled
 
 
