@@ -393,12 +393,16 @@ def vision_card(results: ModelResults, vision_results: dict | None, license: str
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
-def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None) -> ModelCard:
-    """The model card for a saved folder, dispatched on its `model_type`."""
+def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None,
+               name: str | None = None) -> ModelCard:
+    """The model card for a saved folder, dispatched on its `model_type`. `name`: what the card calls the model
+    (default: from the folder, see `load_model_results`), e.g. the name a folder written beside it will publish as."""
     model_dir = Path(model_dir).expanduser()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist or has no config.json")
     results = load_model_results(model_dir)
+    if name is not None:
+        results.name = name
     model_type = results.config.get("model_type")
     if model_type in VISION_MODEL_TYPES:
         vision_results = None
@@ -436,10 +440,11 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + text_card_body(results, config_dict, config_path, upcycling))
 
 
-def write_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None) -> Path:
+def write_card(model_dir: str | Path, license: str = "apache-2.0", train_config: str | None = None,
+               name: str | None = None) -> Path:
     """Write `build_card`'s card to MODEL_DIR/README.md; returns that path."""
     path = Path(model_dir) / "README.md"
-    build_card(model_dir, license=license, train_config=train_config).save(path)
+    build_card(model_dir, license=license, train_config=train_config, name=name).save(path)
     return path
 
 

@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
           f"max |logit difference| to the dense model on a probe batch: {summary['max_logit_difference']:.2e}")
 
 
-def _write_card(model_dir) -> None:
+def _write_card(model_dir, name: str) -> None:
     from pnet_eval.model_card import write_card  # imports torch and transformers (the counts)
 
-    write_card(model_dir)
+    write_card(model_dir, name=name)
 
 
 if __name__ == "__main__":

@@ -192,11 +192,12 @@ def local_name(llama: str) -> str:
 
 def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list[str],
             expert_output_scaling: str = "straight_through", overwrite: bool = False, shared_router: bool = False,
-            perturb_fraction: float = 0.0, seed: int = 0, write_card: Callable[[Path], object] | None = None) -> dict:
+            perturb_fraction: float = 0.0, seed: int = 0, write_card: Callable[..., object] | None = None) -> dict:
     """Upcycle the LLaMA folder or Hub id ``llama`` into ``out_dir``; returns a summary (parameter counts, the
     function check). Arguments and paths are checked before any weight is read; the folder appears complete or not
-    at all. ``write_card(folder)`` writes the model card into the folder before it is published (the card reads the
-    saved folder; `pnet-upcycle` passes `pnet_eval.model_card.write_card`, which this layer may not import)."""
+    at all. ``write_card(folder, name=...)`` writes the model card into the folder before it is published, under the
+    name the folder publishes as (the card reads the saved folder; `pnet-upcycle` passes
+    `pnet_eval.model_card.write_card`, which this layer may not import)."""
     check_arguments(num_experts, projections, expert_output_scaling, perturb_fraction)
     out_dir = Path(out_dir)
     check_paths(llama, out_dir, overwrite)
@@ -208,7 +209,7 @@ def upcycle(llama: str, out_dir: str | Path, num_experts: int, projections: list
 
 def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str], expert_output_scaling: str,
              shared_router: bool, perturb_fraction: float, seed: int,
-             write_card: Callable[[Path], object] | None) -> dict:
+             write_card: Callable[..., object] | None) -> dict:
     dense_config = load_dense_config(llama)
     if dense_config.model_type != "llama":
         raise ValueError(f"{llama}: model_type {dense_config.model_type!r}; pnet-upcycle takes a dense LLaMA "
@@ -255,7 +256,7 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
     tokenizer.save_pretrained(tmp)
     (tmp / UPCYCLING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if write_card is not None:
-        write_card(tmp)
+        write_card(tmp, name=out_dir.name)  # not the name of the folder it is written in, `OUT_DIR.tmp`
     publish_dir(tmp, out_dir)
     return {
         "dense_parameters": sum(p.numel() for p in dense.parameters()),

@@ -88,7 +88,10 @@ def test_upcycled_folder_is_hub_ready_and_keeps_the_dense_function(dense_dir, tm
     assert tokenizer_config["model_max_length"] == 256 and "local_files_only" not in tokenizer_config
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.pad_token is not None and config["pad_token_id"] == tokenizer.pad_token_id
-    assert "parameternet" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "parameternet" in card
+    # named as published, not after the folder it was written in (pnet.tmp): title, model_name, usage snippet
+    assert "# pnet\n" in card and "model_name: pnet\n" in card and 'repo = "pnet"' in card and ".tmp" not in card
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
     upcycled = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -212,12 +215,12 @@ def test_the_folder_writer_leaves_the_card_to_its_caller(dense_dir, tmp_path):
     assert not (tmp_path / "plain" / "README.md").exists()
     seen = []
 
-    def record(folder):
-        seen.append((folder.name, (folder / "model.safetensors").is_file(), (folder / "upcycling.json").is_file()))
+    def record(folder, name):
+        seen.append((folder.name, name, (folder / "model.safetensors").is_file(), (folder / "upcycling.json").is_file()))
         (folder / "README.md").write_text("card")
 
     upcycle_module.upcycle(str(dense_dir), tmp_path / "carded", 2, ["down"], write_card=record)
-    assert seen == [("carded.tmp", True, True)]
+    assert seen == [("carded.tmp", "carded", True, True)]
     assert (tmp_path / "carded" / "README.md").read_text() == "card"
 
 
