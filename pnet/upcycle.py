@@ -17,17 +17,17 @@ a model card. Continue training it with ``scripts/pretrain.py`` and ``init_from:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from pnet.checkpoint import file_sha256
 from pnet.run_lock import exclusive_output
 from pnet.run_log import UPCYCLING_FILE
 
-# Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `--help` and argument
-# errors answer at once.
+# Heavy imports (torch, transformers, the model code) happen inside the functions that need them: `pnet-upcycle --help`
+# and its argument errors answer at once.
 
 # The largest |logit| difference between the dense and the upcycled model on the probe batch with straight-through
 # scaling (float32 rounding of the same sums in another order).
