@@ -3,10 +3,11 @@
     pnet-card runs/pnet-1b-up-e8/final [--train-config configs/pretrain/<name>.yaml] [--license apache-2.0]
 
 The card is built with `huggingface_hub.ModelCard` / `ModelCardData`: YAML metadata (license,
-`library_name: transformers`, tags, datasets, `pipeline_tag`, `model-index` with every evaluation result) and a
-body with the architecture and routing settings, total/active parameters and FLOPs (`pnet.counting`), the
+`library_name: transformers`, tags, datasets, `pipeline_tag`, `model-index` with every zero-shot and SST-2 result)
+and a body with the architecture and routing settings, total/active parameters and FLOPs (`pnet.counting`), the
 training recipe and data mix (the pretraining YAML: `--train-config`, or `pretrain_config.yaml` found in the
-folder or its run folder), the evaluation table and a usage snippet. The card is chosen by `model_type`:
+folder or its run folder), the evaluation tables (with the perplexity of every text `pnet-eval --perplexity` scored)
+and a usage snippet. The card is chosen by `model_type`:
 "pnet_llama"/"llama" get a text-generation card, "parameternet" and "pnet_swin" an image-classification card (accuracy from the
 vision run's `results.json`). The folder is then ready for `push_to_hub`.
 """
@@ -23,6 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pnet.counting import short_number
 from pnet.run_log import UPCYCLING_FILE
+from pnet_eval import perplexity
 from pnet_eval.report import ModelResults, load_model_results
 
 TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")
@@ -94,7 +96,10 @@ def card_path(path: str | Path, model_dir: Path) -> str:
 
 def _fmt(n: int | float | None, kind: str = "params") -> str:
     """`1,540,507,648 (1.54B)`; FLOPs with kind="flops"."""
-    return "-" if n is None else f"{n:,} ({short_number(n, kind)})"
+    if n is None:
+        return "-"
+    short = short_number(n, kind)
+    return f"{n:,}" if short == str(n) else f"{n:,} ({short})"  # not "512 (512)"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -316,23 +321,43 @@ def text_eval_section(results: ModelResults) -> str:
                 "-",
             ]
         )
-    if not rows:
-        return "## Evaluation\n\nNo results yet: run `pnet-eval` and `scripts/finetune_sst2.py` on this folder.\n"
-    notes = []
-    if zero_shot:
-        notes.append(
-            f"Zero-shot: lm-eval {zero_shot.get('lm_eval_version')}, data {zero_shot.get('data_source')}, "
-            f"dtype {zero_shot.get('dtype')}"
-            + (f", **limit {zero_shot['limit']} docs per task**" if zero_shot.get("limit") else "")
-            + "."
+    perplexity_part = text_perplexity_part(results)
+    if not rows and perplexity_part is None:
+        return (
+            "## Evaluation\n\nNo results yet: run `pnet-eval` (zero-shot, `--perplexity FILE`) and "
+            "`scripts/finetune_sst2.py` on this folder.\n"
         )
-    return (
-        "## Evaluation\n\n"
-        + _table(["task", "setting", "docs", "acc (%)", "acc_norm (%)"], rows)
-        + "\n\n"
-        + " ".join(notes)
-        + "\n"
-    )
+    parts = []
+    if rows:
+        notes = []
+        if zero_shot:
+            notes.append(
+                f"Zero-shot: lm-eval {zero_shot.get('lm_eval_version')}, data {zero_shot.get('data_source')}, "
+                f"dtype {zero_shot.get('dtype')}"
+                + (f", **limit {zero_shot['limit']} docs per task**" if zero_shot.get("limit") else "")
+                + "."
+            )
+        parts.append(_table(["task", "setting", "docs", "acc (%)", "acc_norm (%)"], rows) + "\n\n" + " ".join(notes))
+    if perplexity_part is not None:
+        parts.append(perplexity_part)
+    return "## Evaluation\n\n" + "\n\n".join(parts) + "\n"
+
+
+def text_perplexity_part(results: ModelResults) -> str | None:
+    """One row per text file `pnet-eval --perplexity` scored, with `pnet-report`'s metrics and note; None without
+    results. In the body only, not in `model-index`: a local file has no Hub dataset id to name."""
+    entries = perplexity.report_entries(results.perplexity)
+    if not entries:
+        return None
+    row = {"perplexity": entries}  # as a `pnet-report` row, so that the cells and notes are the report's
+    columns = perplexity.report_columns([row])
+    rows = [
+        [label, entry["docs"], entry["tokens"], entry["max_length"]]
+        + perplexity.report_cells(row, [column for column in columns if column[0] == label])
+        for label, entry in entries.items()
+    ]
+    header = ["text", "docs", "tokens", "window"] + [title for _, title, _ in perplexity.REPORT_METRICS]
+    return "Perplexity:\n\n" + _table(header, rows) + "\n\n" + " ".join(perplexity.report_notes([row]))
 
 
 def vision_card(results: ModelResults, vision_results: dict | None, license: str) -> ModelCard:

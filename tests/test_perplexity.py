@@ -218,6 +218,24 @@ def test_report_shows_perplexity_columns(python_results, tiny_pnet_dir, tmp_path
     assert "PPL" not in plain.splitlines()[0]
 
 
+def test_model_card_shows_perplexity(python_results, tiny_pnet_dir, tmp_path):
+    """pnet-card lists each scored file with the report's metrics and note; perplexity alone is a result."""
+    from pnet_eval import model_card
+
+    folder = tmp_path / "scored"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_pnet_dir / "config.json").read_text())
+    assert "No results yet" in model_card.build_card(folder).text
+    (folder / perplexity.PERPLEXITY_RESULTS_FILE).write_text(json.dumps(python_results))
+    card = model_card.build_card(folder).text
+    assert "No results yet" not in card
+    assert "| text | docs | tokens | window | word PPL | BPB | token PPL |" in card
+    for label, entry in python_results["files"].items():
+        assert (f"| {label} | {entry['docs']} | {entry['tokens']} | {entry['max_length']} | "
+                f"{entry['word_perplexity']:.2f} | {entry['bits_per_byte']:.3f} | {entry['token_perplexity']:.2f} |") in card
+    assert "story: lm-eval `loglikelihood_rolling` perplexity (1 docs" in card
+
+
 def test_bundled_heldout_text():
     """The bundled file is what scripts/make_heldout_text.py writes (sha256 of the uncompressed JSON Lines, as in
     eval/data/heldout/README.md): 11 chapters of Botchan, read like any user file."""
