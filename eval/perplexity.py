@@ -315,7 +315,6 @@ def evaluate_perplexity(
     `trust_remote_code=False` loads PNet folders with the classes of this installed package, never the folder's own
     Python files (`pnet.model_loading.trust_remote_code_for`).
     """
-
     models = checked_models(model_dirs)
     text_files = load_text_files(files, text_field)
     if max_length is not None and max_length < 1:
@@ -351,7 +350,6 @@ def score_model(model: str, text_files: list, out: Path, *, trust_remote_code: b
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
-
 
     model_args = lm_eval_model_args(
         "hf",

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write_card(model_dir, name: str) -> None:
-    from pnet_eval.model_card import write_card  # imports torch and transformers (the counts)
+    # Imported only once the folder is written: the card writer imports torch and transformers (the counts), and
+    # `upcycle` refuses bad arguments and paths before that.
+    from pnet_eval.model_card import write_card
 
     write_card(model_dir, name=name)
 

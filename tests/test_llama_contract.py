@@ -20,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from pnet.upcycle import upcycle_llama
 from modeling_pnet_llama.modeling_pnet_llama import ExpertLinear, TopOneRouter
+from pnet.upcycle import upcycle_llama
 
 # The cache keyword of this transformers release (`cache` from 5.24 on, `past_key_values` before): tests speak to
 # transformers in its own terms, the model code never names it.
