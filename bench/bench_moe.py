@@ -12,8 +12,9 @@ figures worth quoting).
 Prints, per thread count, each as a ratio against its baseline from this run (goals from issue 12):
   1. routed projection (router + ExpertLinear, E experts) forward+backward vs the dense projection of the same active
      FLOPs (goal >= 0.90); the same with the router compiled (logits, softmax and top-1 fused: the candidate fast
-     path); the experts alone (sort + grouped matmul, no router; goal >= 0.95); a naive per-expert loop; and one
-     decode token through ExpertLinear's CPU decode path vs the general routed matmul;
+     path); the experts alone (sort + grouped matmul, no router; goal >= 0.95); the products alone (the floor of
+     any implementation on these kernels, see `products_floor`); a naive per-expert loop; and one decode token
+     through ExpertLinear's CPU decode path vs the general routed matmul;
   2. whole-model training tokens/s, PNet (E experts on one projection) vs dense LLaMA of the same dims, forward+backward
      (goal >= 0.95) and with the AdamW step (which scales with parameters, not tokens);
   3. greedy generation tokens/s, batch 1, KV cache (goal >= 0.95); the router's per-token cost is fixed, so the
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_pnet_llama import PNetLlamaConfig, PNetLlamaForCausalLM
-from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed_matmul
+from modeling_pnet_llama.routed_linear import ExpertLinear, TopOneRouter, routed_matmul, sort_by_expert
 
 
 PARTS = ("projection", "training", "generation", "memory")  # [1] to [4] of the docstring
@@ -148,6 +149,29 @@ def build_at_revision(revision: str, args, same_weights_as: torch.nn.Module) -> 
     return model
 
 
+@torch.no_grad()
+def products_alone(
+    sorted_x: torch.Tensor,
+    sorted_upstream: torch.Tensor,
+    router_upstream: torch.Tensor,
+    end_offsets: torch.Tensor,
+    router_weight: torch.Tensor,
+    expert_weight: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The floor of a routed projection's forward+backward on these kernels: only the products no implementation can
+    drop, on tokens already sorted by expert (group e ends at `end_offsets[e]`). The experts' three grouped products
+    and the router's three, the router's input gradient written into the experts' (the fused-router lever, free);
+    no sort, permutation, softmax, top-1, scaling or autograd. Returns (output, router logits, input gradient,
+    expert-weight gradient, router-weight gradient), all in sorted token order."""
+    output = F.grouped_mm(sorted_x, expert_weight.transpose(-2, -1), offs=end_offsets)
+    router_logits = F.linear(sorted_x, router_weight)
+    input_grad = F.grouped_mm(sorted_upstream, expert_weight, offs=end_offsets)
+    input_grad.addmm_(router_upstream, router_weight)
+    expert_grad = F.grouped_mm(sorted_upstream.t(), sorted_x, offs=end_offsets)
+    router_grad = router_upstream.t() @ sorted_x
+    return output, router_logits, input_grad, expert_grad, router_grad
+
+
 def bench_projection(args) -> dict:
     """One routed projection (router + experts) vs the dense projection vs a naive per-expert loop."""
     tokens, experts = args.batch * args.seq_len, args.experts
@@ -194,6 +218,13 @@ def bench_projection(args) -> dict:
         y = expert_linear(x, route.expert_index, route.expert_scale)
         y.backward(upstream)
 
+    order, _, end = sort_by_expert(fixed_route.expert_index, experts)
+    sorted_x, sorted_upstream, offsets = x.detach()[order], upstream[order], end.to(torch.int32)
+    router_upstream = torch.randn(tokens, experts)
+
+    def products_floor():
+        products_alone(sorted_x, sorted_upstream, router_upstream, offsets, router.weight, expert_linear.weight)
+
     def naive_step():
         clear_grads()
         route = router(x)
@@ -211,6 +242,7 @@ def bench_projection(args) -> dict:
             "routed": routed_step,
             "fused_router": fused_router_step,
             "experts_only": experts_only_step,
+            "products_floor": products_floor,
             "naive_loop": naive_step,
         },
         args.repeats,
@@ -218,7 +250,8 @@ def bench_projection(args) -> dict:
     )
     result = medians(rounds)
     result["spread"] = {
-        name: round_ratios(rounds, "dense", name) for name in ("routed", "fused_router", "experts_only")
+        name: round_ratios(rounds, "dense", name)
+        for name in ("routed", "fused_router", "experts_only", "products_floor")
     }
     # Decode (one token, no gradient): ExpertLinear's CPU decode path vs the general routed matmul vs dense.
     one, index = x[:1].detach(), fixed_route.expert_index[:1]
@@ -337,7 +370,7 @@ def bench_memory(args) -> dict:
 
 def print_projection(proj: dict) -> None:
     print(f"[1] routed projection fwd+bwd, {proj['shape']}, tokens per expert {proj['tokens_per_expert']}")
-    for name in ("dense", "routed", "fused_router", "experts_only", "naive_loop"):
+    for name in ("dense", "routed", "fused_router", "experts_only", "products_floor", "naive_loop"):
         print(f"    {name:<12} {proj[name] * 1e3:8.2f} ms")
     spread = proj["spread"]
     print(f"    routed / dense throughput        {proj['dense'] / proj['routed']:.3f} {spread['routed']}"
@@ -346,6 +379,8 @@ def print_projection(proj: dict) -> None:
           "   (worth keeping if above routed)")
     print(f"    experts only / dense throughput  {proj['dense'] / proj['experts_only']:.3f} {spread['experts_only']}"
           "   (goal >= 0.95)")
+    print(f"    products alone / dense           {proj['dense'] / proj['products_floor']:.3f} "
+          f"{spread['products_floor']}   (the floor: a goal above it needs other kernels)")
     print(f"    routed / naive-loop throughput   {proj['naive_loop'] / proj['routed']:.3f}")
     decode = proj["decode"]
     print(f"    decode, 1 token: dense {decode['dense'] * 1e6:.1f} us, decode path "

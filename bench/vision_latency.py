@@ -16,6 +16,10 @@ machine hit both alike. The ratio ParameterNet / GhostNet of each round is taken
 the table shows the median ratio over rounds and its range. Goal: ratio <= 1.15 at batch 1 in every column (the
 FLOPs ratio is 1.033 / 1.034; the paper measures ONNX on one Xeon thread). Batch 8 is reported as throughput.
 The machine's load average is printed at the start and the end: a figure taken at load > ~0.5 is not a figure.
+
+`--routing-ablation` adds two ParameterNet variants to the eager batch-1 rounds, to bound what faster routing code
+could gain: every dynamic convolution given fixed coefficients (no pooling, no router: the kernel mixing and the
+convolution alone), and pooling only (the global average pooling each router reads, then fixed coefficients).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from export_onnx import export_onnx  # noqa: E402  (scripts/ is not a package)
 
 from modeling_parameternet import ParameterNetConfig, ParameterNetForImageClassification  # noqa: E402
+from modeling_parameternet.modeling_parameternet import DynamicConv2d  # noqa: E402
 from pnet.vision_counting import count_parameternet  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "vision")
@@ -84,6 +89,26 @@ def time_rounds(runners: dict[str, callable], warmup: int, runs: int, repeats: i
     return rounds
 
 
+def with_fixed_routing(model: torch.nn.Module, pool: bool) -> torch.nn.Module:
+    """A copy of `model` whose dynamic convolutions mix their experts with fixed coefficients (batch 1): routing
+    costs nothing, or (`pool`) only the global average pooling of its input."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, DynamicConv2d):
+            coefficients = torch.full((1, module.num_experts), 1.0 / module.num_experts)
+
+            def fixed(hidden_states, coefficients=coefficients):
+                if pool:
+                    hidden_states.mean(dim=(2, 3))
+                return coefficients
+
+            module.routing_weights = fixed
+    return model
+
+
+ABLATIONS = {"routing fixed": dict(pool=False), "pooling only": dict(pool=True)}  # --routing-ablation
+
+
 def eager_runner(model: torch.nn.Module, pixel_values: torch.Tensor):
     def run():
         with torch.inference_mode():
@@ -105,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--as-trained", action="store_true", help="measure the models without reparameterize()")
+    parser.add_argument(
+        "--routing-ablation", action="store_true",
+        help="eager batch 1 also times ParameterNet with fixed routing coefficients, and with pooling only",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     for name in ("runs", "repeats"):
@@ -150,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                             continue  # a batch folds into the groups of an NCHW convolution: channels-last copies
                         if backend == "eager":
                             runners = {n: eager_runner(m, pixel_values) for n, m in models.items()}
+                            if args.routing_ablation and batch_size == 1:
+                                for label, options in ABLATIONS.items():
+                                    ablated = with_fixed_routing(models[names[1]], **options)
+                                    runners[label] = eager_runner(ablated, pixel_values)
                         elif backend == "eager-channels-last":
                             runners = {n: eager_runner(m, pixel_values_cl) for n, m in models_cl.items()}
                         else:
@@ -163,16 +196,19 @@ def main(argv: list[str] | None = None) -> int:
                                 session = ort.InferenceSession(onnx_paths[name], options, providers=["CPUExecutionProvider"])
                                 runners[name] = lambda session=session: session.run(["logits"], feed)
                         rounds = time_rounds(runners, args.warmup, runs, args.repeats)
-                        ratios = [r[names[1]] / r[names[0]] for r in rounds]
-                        row = {
-                            "size": size, "batch_size": batch_size, "threads": threads, "backend": backend,
-                            "ghostnet_ms": 1e3 * statistics.median(r[names[0]] for r in rounds),
-                            "parameternet_ms": 1e3 * statistics.median(r[names[1]] for r in rounds),
-                            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                            "flops_ratio": flops[names[1]] / flops[names[0]],
-                        }
-                        rows.append(row)
-                        print(format_row(row), flush=True)
+                        for candidate in list(runners)[1:]:  # ParameterNet, then any ablations
+                            ratios = [r[candidate] / r[names[0]] for r in rounds]
+                            row = {
+                                "size": size, "batch_size": batch_size, "threads": threads,
+                                "backend": backend if candidate == names[1] else f"{backend} ({candidate})",
+                                "ghostnet_ms": 1e3 * statistics.median(r[names[0]] for r in rounds),
+                                "parameternet_ms": 1e3 * statistics.median(r[candidate] for r in rounds),
+                                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                                "flops_ratio": flops[names[1]] / flops[names[0]],
+                                "ablation": candidate in ABLATIONS,
+                            }
+                            rows.append(row)
+                            print(format_row(row), flush=True)
 
     end_load = load_average()
     print(f"\nend: {end_load}")
@@ -189,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def header() -> str:
-    return (f"{'size':<6}{'batch':>6}{'thr':>4}  {'backend':<20}{'GhostNet ms':>12}{'PNet ms':>10}{'img/s G':>9}"
+    return (f"{'size':<6}{'batch':>6}{'thr':>4}  {'backend':<30}{'GhostNet ms':>12}{'PNet ms':>10}{'img/s G':>9}"
             f"{'img/s P':>9}{'ratio':>8}  {'range':<13}{'FLOPs':>7}  goal <= {GOAL_RATIO} (batch 1)")
 
 
 def format_row(row: dict) -> str:
     batch = row["batch_size"]
     verdict = ("ok" if row["ratio"] <= GOAL_RATIO else "ABOVE GOAL") if batch == 1 else "throughput"
-    return (f"{row['size']:<6}{batch:>6}{row['threads']:>4}  {row['backend']:<20}{row['ghostnet_ms']:>12.2f}"
+    if row.get("ablation"):
+        verdict = "ablation: the bound of faster routing code"
+    return (f"{row['size']:<6}{batch:>6}{row['threads']:>4}  {row['backend']:<30}{row['ghostnet_ms']:>12.2f}"
             f"{row['parameternet_ms']:>10.2f}{1e3 * batch / row['ghostnet_ms']:>9.1f}"
             f"{1e3 * batch / row['parameternet_ms']:>9.1f}{row['ratio']:>8.3f}  "
             f"[{row['ratio_min']:.3f}-{row['ratio_max']:.3f}]{row['flops_ratio']:>7.3f}  {verdict}")

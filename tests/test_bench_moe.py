@@ -1,4 +1,5 @@
-"""bench/bench_moe.py --against REV: another revision's model package, timed beside today's with the same weights."""
+"""bench/bench_moe.py: `--against REV` (another revision's model package, timed beside today's with the same weights)
+and the products-alone floor of the routed projection."""
 
 import argparse
 import subprocess
@@ -15,11 +16,42 @@ def git_checkout(repo_root):
 
 
 @pytest.fixture
-def bench_moe(repo_root, git_checkout, monkeypatch):
+def bench_module(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(str(repo_root / "bench"))
     import bench_moe
 
     return bench_moe
+
+
+@pytest.fixture
+def bench_moe(bench_module, git_checkout):
+    return bench_module
+
+
+def test_products_alone_are_the_routed_projections_forward_and_gradients(bench_module):
+    """The floor times the same products autograd computes for a routed projection, only in sorted order: a floor
+    that skipped or shrank one would flatter the goal."""
+    import torch.nn.functional as F
+
+    from modeling_pnet_llama.routed_linear import routed_matmul, sort_by_expert
+
+    torch.manual_seed(0)
+    tokens, in_features, out_features, experts = 96, 32, 16, 4
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    expert_weight = torch.randn(experts, out_features, in_features, requires_grad=True)
+    router_weight = torch.randn(experts, in_features, requires_grad=True)
+    expert_index = torch.randint(0, experts, (tokens,))
+    upstream, router_upstream = torch.randn(tokens, out_features), torch.randn(tokens, experts)
+    output, router_logits = routed_matmul(x, expert_weight, expert_index), F.linear(x, router_weight)
+    torch.autograd.backward([output, router_logits], [upstream, router_upstream])
+
+    order, _, end = sort_by_expert(expert_index, experts)
+    floor = bench_module.products_alone(
+        x.detach()[order], upstream[order], router_upstream[order], end.to(torch.int32), router_weight, expert_weight
+    )
+    expected = (output[order], router_logits[order], x.grad[order], expert_weight.grad, router_weight.grad)
+    for got, want in zip(floor, expected):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
 
 
 TINY = ["--hidden", "64", "--layers", "1", "--vocab", "128", "--batch", "1", "--seq-len", "8", "--new-tokens", "2",
