@@ -23,12 +23,12 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pnet.counting import short_number
-from pnet.run_log import UPCYCLING_FILE
+from pnet.run_log import UPCYCLING_FILE, VISION_RESULTS_FILE
 from pnet_eval import perplexity
 from pnet_eval.report import ModelResults, load_model_results
+from pnet_eval.results_files import check_number, read_json_object
 
 TRAIN_CONFIG_FILES = ("pretrain_config.yaml", "pretrain_config.json")
-VISION_RESULTS_FILE = "results.json"
 PAPER = "https://arxiv.org/abs/2306.14525"
 CITATION = """@inproceedings{han2024parameternet,
   title     = {ParameterNet: Parameters Are All You Need for Large-scale Visual Pretraining of Mobile Networks},
@@ -271,7 +271,7 @@ def _training_section(results: ModelResults, train_config: dict | None, train_co
 def read_upcycling(model_dir: Path) -> dict[str, Any] | None:
     """The record `pnet-upcycle` writes beside an upcycled model (from what, how), or None."""
     path = model_dir / UPCYCLING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
 
 
 def upcycling_section(record: dict[str, Any]) -> str:
@@ -433,7 +433,8 @@ def build_card(model_dir: str | Path, license: str = "apache-2.0", train_config:
         vision_results = None
         for folder in (model_dir, model_dir.parent):
             if (folder / VISION_RESULTS_FILE).is_file():
-                vision_results = json.loads((folder / VISION_RESULTS_FILE).read_text())
+                vision_results = read_json_object(folder / VISION_RESULTS_FILE)
+                check_number(folder / VISION_RESULTS_FILE, "test_accuracy", vision_results.get("test_accuracy"), 0, 1)
                 break
         return vision_card(results, vision_results, license)
     if model_type not in TEXT_MODEL_TYPES:

@@ -79,14 +79,25 @@ def trust_after_weight_check(models: list[str], trust_remote_code: bool) -> dict
     return trust
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # `--dtype`: what lm-eval's model takes ("auto": the checkpoint's)
+
+
 def default_dtype(device: str) -> str:
     """bf16 on GPUs; fp32 on CPU, where bf16 matmuls are far slower than fp32."""
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """The device (default: cuda if available) and dtype (default: `default_dtype` of that device)."""
+    """The device (default: cuda if available) and dtype (default: `default_dtype` of that device); a device this
+    torch cannot use is refused before any model loads."""
     import torch
 
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as error:
+            raise ValueError(f"--device {device!r}: not a device ({str(error).splitlines()[0]})") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: this torch sees no CUDA device; allowed here: cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return device, dtype or default_dtype(device)

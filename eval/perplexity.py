@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pnet.checkpoint import write_json_atomic
+from pnet.data import undecodable
 from pnet_eval.models import (
     checked_models,
     device_and_dtype,
@@ -49,6 +50,7 @@ from pnet_eval.models import (
     quiet_git_describe,
     trust_after_weight_check,
 )
+from pnet_eval.results_files import check_number, check_object, read_json_object
 
 PERPLEXITY_RESULTS_FILE = "pnet_perplexity_results.json"
 LM_EVAL_PERPLEXITY_RESULTS_FILE = "lm_eval_perplexity_results.json"
@@ -78,19 +80,26 @@ class TextFile:
     sha256: str
 
 
+# Extensions are matched in any case: `DATA.JSONL` is JSON Lines too, never scored as one text of braces and keys.
+def _suffixes(path: Path) -> list[str]:
+    return [suffix.lower() for suffix in path.suffixes]
+
+
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    gzipped = _suffixes(path)[-1:] == [".gz"]
+    return gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
 
 
 def _is_jsonl(path: Path) -> bool:
-    suffixes = path.suffixes[:-1] if path.suffix == ".gz" else path.suffixes
+    suffixes = _suffixes(path)
+    suffixes = suffixes[:-1] if suffixes[-1:] == [".gz"] else suffixes
     return bool(suffixes) and suffixes[-1] in JSONL_SUFFIXES
 
 
 def file_label(path: Path) -> str:
     """`data/botchan.jsonl.gz` -> `botchan`: the name without its extensions, as a task-name-safe string."""
     name = path.name
-    while Path(name).suffix in (".gz", *JSONL_SUFFIXES, ".txt", ".text", ".md"):
+    while Path(name).suffix.lower() in (".gz", *JSONL_SUFFIXES, ".txt", ".text", ".md"):
         name = Path(name).stem
     return re.sub(r"[^\w.-]", "_", name) or "text"
 
@@ -126,6 +135,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 text = row[text_field]
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{number}: {text_field!r} is {type(text).__name__}, not a string")
+                if (problem := undecodable(text)) is not None:  # a JSON escape such as "\ud800"
+                    raise ValueError(f"{path}:{number}: {text_field!r} holds {problem}")
                 if not text.strip():
                     raise ValueError(f"{path}:{number}: {text_field!r} is empty")
                 texts.append(text)
@@ -277,9 +288,18 @@ def prepare_results_dirs(dirs: dict[str, Path], earlier_result: Callable[[Path],
 
 
 def read_perplexity_results(folder: str | Path) -> dict[str, Any] | None:
-    """A folder's `pnet_perplexity_results.json`, or None."""
+    """A folder's `pnet_perplexity_results.json`, its numbers checked, or None."""
     path = Path(folder) / PERPLEXITY_RESULTS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    results = read_json_object(path)
+    for label, entry in check_object(path, "files", results.get("files")).items():
+        entry = check_object(path, f"files.{label}", entry)
+        for metric in METRICS:  # a perplexity is >= 1, bits per byte >= 0
+            check_number(path, f"files.{label}.{metric}", entry.get(metric), 0 if metric == "bits_per_byte" else 1)
+        for count in ("docs", "tokens", "max_length"):
+            check_number(path, f"files.{label}.{count}", entry.get(count), 1)
+    return results
 
 
 def check_prefix_token_id(model: str, prefix_token_id: int) -> None:
@@ -317,6 +337,7 @@ def evaluate_perplexity(
     """
     models = checked_models(model_dirs)
     text_files = load_text_files(files, text_field)
+    device, dtype = device_and_dtype(device, dtype)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
     if prefix_token_id is not None:
@@ -331,7 +352,6 @@ def evaluate_perplexity(
         return f"{out / PERPLEXITY_RESULTS_FILE} (files {again})" if again else None
 
     prepare_results_dirs(out_dirs, earlier_result, overwrite)
-    device, dtype = device_and_dtype(device, dtype)
 
     return [
         score_model(model, text_files, out_dirs[model], trust_remote_code=trust[model], text_field=text_field,

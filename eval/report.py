@@ -26,12 +26,15 @@ from pnet import run_log
 from pnet.counting import CountReport, InvalidConfigError, count_config, short_number
 
 from pnet_eval import perplexity
-from pnet_eval.zero_shot import RESULTS_FILE
+from pnet_eval.results_files import check_number, check_object, read_json_object
+from pnet_eval.zero_shot import RESULTS_FILE, TASKS
 
-SST2_RESULTS_FILE = "sst2_results.json"
+SST2_RESULTS_FILE = run_log.SST2_RESULTS_FILE
 TRAINING_LOG_FILE = run_log.LOG_FILE
 TASK_COLUMNS = (("arc_easy", "ARC-e"), ("boolq", "BoolQ"), ("sst2", "SST-2"), ("hellaswag", "HellaSwag"))
 METRIC_CHOICES = ("acc", "acc_norm")
+ACC_ONLY_TASKS = ("boolq",)  # lm-eval's BoolQ has no acc_norm: its acc stands in that column
+ZERO_SHOT_FRACTIONS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
 @dataclass
@@ -50,9 +53,29 @@ class ModelResults:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_zero_shot_results(path: Path) -> dict[str, Any]:
+    """A `pnet_eval_results.json`, its scores checked (fractions in [0, 1])."""
+    results = read_json_object(path)
+    if "tasks" not in results:
+        raise ValueError(f"{str(path)!r} is not a {RESULTS_FILE} (no 'tasks' key)")
+    for task, entry in check_object(path, "tasks", results["tasks"]).items():
+        if task not in TASKS:
+            raise ValueError(f"{str(path)!r}: task {task!r} is not one pnet-eval runs; allowed: {sorted(TASKS)}")
+        entry = check_object(path, f"tasks.{task}", entry)
+        for metric in ZERO_SHOT_FRACTIONS:
+            check_number(path, f"tasks.{task}.{metric}", entry.get(metric), 0, 1)
+        check_number(path, f"tasks.{task}.docs", entry.get("docs"), 0)
+    return results
+
+
+def read_sst2_results(path: Path) -> dict[str, Any]:
+    """An `sst2_results.json` (`scripts/finetune_sst2.py`), its accuracy, size and label checked."""
+    results = read_json_object(path)
+    check_number(path, "accuracy", results.get("accuracy"), 0, 1, required=True)
+    check_number(path, "eval_examples", results.get("eval_examples"), 1, required=True)
+    if not isinstance(results.get("label"), str):
+        raise ValueError(f"{str(path)!r}: label is {results.get('label')!r}, not a string; write it again")
+    return results
 
 
 def training_loss_from_log(log_path: Path, window: int) -> float | None:
@@ -70,9 +93,7 @@ def load_model_results(path: str | Path, loss_window: int = 10) -> ModelResults:
     path = Path(path).expanduser()
     zero_shot = None
     if path.is_file():
-        zero_shot = _read_json(path)
-        if "tasks" not in zero_shot:
-            raise ValueError(f"{str(path)!r} is not a {RESULTS_FILE} (no 'tasks' key)")
+        zero_shot = read_zero_shot_results(path)
         model_dir = Path(zero_shot["model_dir"]) if zero_shot.get("model_dir") else path.parent
         results_dir = path.parent
     elif path.is_dir():
@@ -84,18 +105,18 @@ def load_model_results(path: str | Path, loss_window: int = 10) -> ModelResults:
     if results.name == "final":  # scripts/pretrain.py exports to <run>/final: name the run instead
         results.name = model_dir.parent.name
     if zero_shot is None and (results_dir / RESULTS_FILE).is_file():
-        zero_shot = _read_json(results_dir / RESULTS_FILE)
+        zero_shot = read_zero_shot_results(results_dir / RESULTS_FILE)
     results.zero_shot = zero_shot
     for folder in dict.fromkeys((results_dir, model_dir)):
         if (folder / SST2_RESULTS_FILE).is_file():
-            results.sst2 = _read_json(folder / SST2_RESULTS_FILE)
+            results.sst2 = read_sst2_results(folder / SST2_RESULTS_FILE)
             break
     for folder in dict.fromkeys((results_dir, model_dir)):
         if (found := perplexity.read_perplexity_results(folder)) is not None:
             results.perplexity = found
             break
     if (model_dir / "config.json").is_file():
-        results.config = _read_json(model_dir / "config.json")
+        results.config = read_json_object(model_dir / "config.json")
         try:
             results.counts = count_config(str(model_dir))
         except InvalidConfigError:  # never report counts of a config that describes no model
@@ -113,13 +134,13 @@ def load_model_results(path: str | Path, loss_window: int = 10) -> ModelResults:
 
 
 def task_score(results: ModelResults, task: str, metric: str) -> float | None:
-    """Accuracy in percent: zero-shot `metric` (acc_norm falls back to acc for BoolQ), SST-2 fine-tuned."""
+    """Accuracy in percent: zero-shot `metric` (acc for the tasks that have no acc_norm), SST-2 fine-tuned."""
     if task == "sst2":
         return 100.0 * results.sst2["accuracy"] if results.sst2 else None
     entry = (results.zero_shot or {}).get("tasks", {}).get(task)
     if entry is None:
         return None
-    value = entry.get(metric, entry.get("acc"))
+    value = entry.get("acc" if task in ACC_ONLY_TASKS else metric)
     return None if value is None else 100.0 * value
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pnet.checkpoint import write_json_atomic
 from pnet.config import hub_is_offline
 from pnet_eval import perplexity
 from pnet_eval.models import (
+    DTYPES,
     checked_models,
     device_and_dtype,
     lm_eval_model_args,
@@ -155,6 +157,7 @@ def evaluate(
 
     models = checked_models(model_dirs)
     selected = resolve_tasks(tasks)
+    device, dtype = device_and_dtype(device, dtype)
     trust = trust_after_weight_check(models, trust_remote_code)
     out_dirs = perplexity.results_dirs(models, output_dir)
     perplexity.prepare_results_dirs(out_dirs, earlier_result, overwrite)
@@ -169,7 +172,6 @@ def evaluate(
     else:
         task_manager = TaskManager()
         task_names = [t.upstream_task for t in selected]
-    device, dtype = device_and_dtype(device, dtype)
     if backend == "vllm" and device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         # vLLM's CPU default reserves 92% of the machine's memory for its KV cache and refuses to start when other
         # processes already hold more than 8% (seen on an idle 24 GB machine). Scoring needs far less.
@@ -233,8 +235,28 @@ def earlier_result(out: Path) -> Path | None:
 
 
 def _limit(value: str) -> int | float:
-    number = float(value)
-    return int(number) if number >= 1 and number.is_integer() else number
+    """`--limit`: a number of documents (an integer >= 1) or a fraction of each task (0 < f < 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if number >= 1 and number.is_integer():
+        return int(number)
+    if 0 < number < 1:
+        return number
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: allowed: a number of documents per task (an integer >= 1), or a fraction of each task in (0, 1)"
+    )
+
+
+def _batch_size(value: str) -> int | str:
+    """`--batch-size`: an integer >= 1, 'auto' or 'auto:N' (lm-eval's; N >= 1 tries of the automatic search)."""
+    tries = value.removeprefix("auto:") if value.startswith("auto:") else None
+    if value == "auto" or (tries is not None and tries.isdigit() and int(tries) >= 1):
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: allowed: an integer >= 1, 'auto' or 'auto:N' with N >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,12 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_limit, default=None, help="documents per task (int) or fraction (<1)")
     parser.add_argument(
         "--batch-size",
+        type=_batch_size,
         default=None,
         help="int, 'auto' or 'auto:N' (lm-eval's batch size; default: 1 for hf, auto for vllm)",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:0, cpu, ... (default: cuda if available)")
     parser.add_argument(
-        "--dtype", default=None, help="float32, bfloat16, float16, auto (default: bf16 on GPU, fp32 on CPU)"
+        "--dtype", default=None, choices=DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU"
     )
     parser.add_argument(
         "--output-dir", default=None,
@@ -288,8 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     batch_size = args.batch_size
-    if batch_size is not None and batch_size.isdigit():
-        batch_size = int(batch_size)
     try:
         if args.tasks is not None:
             resolve_tasks(args.tasks)  # a bad task name fails before the perplexity run, not after it

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pnet import run_log as L
+from pnet.checkpoint import write_json_atomic
 from pnet.config import (
     ConfigError,
     FinetuneSst2Config,
@@ -55,7 +55,7 @@ from pnet.training import Plan, Task, classifier_metrics, run, run_command
 
 LABEL_HUB = "SST-2 (validation)"
 LABEL_OFFLINE_HELDOUT = "SST-2 (held-out half of validation, offline)"
-RESULTS_FILE = "sst2_results.json"
+RESULTS_FILE = L.SST2_RESULTS_FILE
 CONFIG_FILE = "finetune_config.yaml"
 
 
@@ -240,10 +240,9 @@ def train(config: FinetuneSst2Config, resume: bool = False, allow_changes: Seque
         "wall_time_s": outcome.train_time_s,
     }
     if outcome.accelerator.is_main_process:
-        text = json.dumps(result, indent=2)
-        (task.output_dir / RESULTS_FILE).write_text(text)
+        write_json_atomic(task.output_dir / RESULTS_FILE, result, indent=2)
         if model_dir.is_dir():
-            (model_dir / RESULTS_FILE).write_text(text)
+            write_json_atomic(model_dir / RESULTS_FILE, result, indent=2)
         print(f"{task.label}: accuracy {result['accuracy']:.4f} on {len(task.eval_set)} sentences; wrote "
               f"{task.output_dir / RESULTS_FILE}")
     return result

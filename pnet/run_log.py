@@ -21,6 +21,8 @@ from typing import Any
 
 LOG_FILE = "log.jsonl"
 UPCYCLING_FILE = "upcycling.json"  # how pnet-upcycle made a folder (from what, how); read by the model card
+SST2_RESULTS_FILE = "sst2_results.json"  # the fine-tuned classifier's SST-2 result; read by pnet-report, the card
+VISION_RESULTS_FILE = "results.json"  # a vision run's test result; read by the model card and the trap runner
 
 # ---- fields of every record
 STEP = "step"

@@ -33,6 +33,7 @@ from transformers import AutoModelForImageClassification
 
 from modeling_parameternet import ParameterNetImageProcessor
 from pnet import run_log as L
+from pnet.checkpoint import write_json_atomic
 from pnet.config import (
     ConfigError,
     VisionTrainConfig,
@@ -55,7 +56,7 @@ from pnet.vision_data import (
 )
 
 CONFIG_FILE = "train_config.yaml"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = L.VISION_RESULTS_FILE
 
 
 class ModelEMA:
@@ -230,7 +231,7 @@ def train(config: VisionTrainConfig, resume: bool = False, allow_changes: Sequen
         "exported_weights": "ema" if task.ema is not None else "raw", "train_time_s": outcome.train_time_s,
     }
     if outcome.accelerator.is_main_process:
-        (task.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        write_json_atomic(task.output_dir / RESULTS_FILE, results, indent=2)
         print(json.dumps(results, indent=2))
     return results
 

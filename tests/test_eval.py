@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
-from pnet_eval import model_card, report, zero_shot
+from pnet_eval import model_card, perplexity, report, zero_shot
 from pnet_eval.tasks.local_data import BUNDLED_DATA_DIR, resolve_data_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +162,50 @@ def test_zero_shot_errors(tiny_pnet_dir, fixture_data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "pnet-eval: error: model folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "-3"], "argument --batch-size: '-3': allowed: an integer >= 1, 'auto' or 'auto:N'"),
+        (["--batch-size", "0"], "argument --batch-size: '0'"),
+        (["--batch-size", "abc"], "argument --batch-size: 'abc'"),
+        (["--batch-size", "auto:0"], "argument --batch-size: 'auto:0'"),
+        (["--limit", "0"], "argument --limit: '0': allowed: a number of documents per task (an integer >= 1)"),
+        (["--limit", "-1"], "argument --limit: '-1'"),
+        (["--limit", "1.5"], "argument --limit: '1.5'"),
+        (["--limit", "nan"], "argument --limit: 'nan'"),
+        (["--dtype", "float64x"], "argument --dtype: invalid choice: 'float64x'"),
+    ],
+)
+def test_pnet_eval_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    """Before: --batch-size -3 scored no tokens and saved perplexity 1.0; 0, 'abc', --limit 0/-1 and a bad --dtype
+    failed after the model loaded, with lm-eval's or torch's internals as the message."""
+    for mode in (["--tasks", "boolq"], ["--perplexity", "heldout"]):
+        with pytest.raises(SystemExit) as exit_info:
+            zero_shot.main([str(tmp_path / "not-even-a-model"), *mode, *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("good", [["--batch-size", "4"], ["--batch-size", "auto"], ["--batch-size", "auto:2"],
+                                  ["--limit", "10"], ["--limit", "0.25"], ["--dtype", "bfloat16"]])
+def test_pnet_eval_takes_good_arguments(good):
+    args = zero_shot.build_parser().parse_args(["model", *good])
+    assert {"4": 4, "auto": "auto", "auto:2": "auto:2", "10": 10, "0.25": 0.25, "bfloat16": "bfloat16"}[good[1]] in (
+        args.batch_size, args.limit, args.dtype
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_pnet_eval_refuses_a_device_this_torch_cannot_use(tiny_pnet_dir, tmp_path, capsys):
+    for device, message in (("cuda", "this torch sees no CUDA device; allowed here: cpu"), ("gpu0", "not a device")):
+        for mode in (["--tasks", "boolq"], ["--perplexity", "heldout"]):
+            with pytest.raises(SystemExit) as exit_info:
+                zero_shot.main([str(tiny_pnet_dir), *mode, "--device", device, "--output-dir", str(tmp_path / "o")])
+            assert exit_info.value.code == 2
+            assert f"pnet-eval: error: --device {device!r}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any results folder
+
+
 def test_bundled_files_resolve_for_every_task():
     """What plain `lm-eval run --include_path eval/tasks` reads by default: the bundled files, absolute paths."""
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -242,6 +289,60 @@ def test_report_marks_offline_sst2_and_missing_parts(two_models, tmp_path):
     assert "| bare | - | 9.24M | 5.80G | - | - | - | - | - | - |" in markdown  # counts only
     with pytest.raises(FileNotFoundError, match="neither a model folder nor"):
         report.load_model_results(tmp_path / "nothing-here")
+
+
+DAMAGED_RESULTS = [
+    # (file, content, what the error names): a damaged file is refused, naming the file and the field, by both tools
+    ("zero_shot", '{"model": "x", "tasks": ', "is not a valid JSON file"),
+    ("zero_shot", "", "is not a valid JSON file"),
+    ("zero_shot", "[]", "holds a JSON list, not an object"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc": NaN}}}', "NaN is not a finite number"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc": Infinity}}}', "Infinity is not a finite number"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc": 57.0}}}', "tasks.arc_easy.acc is 57.0; allowed: a number in [0, 1]"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc": "0.5"}}}', "tasks.arc_easy.acc is '0.5'"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc": true}}}', "tasks.arc_easy.acc is True"),
+    ("zero_shot", '{"tasks": {"arc_easy": {"acc_norm_stderr": -0.1}}}', "tasks.arc_easy.acc_norm_stderr is -0.1"),
+    ("zero_shot", '{"tasks": {"arc_easy": [0.5]}}', "tasks.arc_easy is list"),
+    ("zero_shot", '{"tasks": {"mmlu": {"acc": 0.5}}}', "task 'mmlu' is not one pnet-eval runs"),
+    ("zero_shot", '{"results": {}}', "(no 'tasks' key)"),
+    ("sst2", '{"accuracy": null}', "accuracy is None"),
+    ("sst2", '{"accuracy": 0.9, "label": "SST-2", "eval_examples": 0}', "eval_examples is 0"),
+    ("sst2", '{"accuracy": 0.9, "eval_examples": 872}', "label is None, not a string"),
+    ("perplexity", '{"files": {"x": {"word_perplexity": "abc"}}}', "files.x.word_perplexity is 'abc'"),
+    ("perplexity", '{"files": {"x": {"token_perplexity": 0.5}}}', "files.x.token_perplexity is 0.5"),
+    ("perplexity", '{"files": {"x": {"bits_per_byte": -1}}}', "files.x.bits_per_byte is -1"),
+    ("perplexity", '{"files": []}', "files is list"),
+    ("perplexity", '{"model": "x"}', "files is NoneType"),
+]
+
+
+@pytest.mark.parametrize(("kind", "content", "message"), DAMAGED_RESULTS)
+def test_report_and_card_refuse_a_damaged_results_file_naming_it(two_models, tmp_path, kind, content, message):
+    """Before: tracebacks (a str score), "No results yet" (a list), 'nan' and '5700.00' published as scores, and
+    JSON errors without the file's name."""
+    _, routed = two_models
+    name = {"zero_shot": zero_shot.RESULTS_FILE, "sst2": report.SST2_RESULTS_FILE,
+            "perplexity": perplexity.PERPLEXITY_RESULTS_FILE}[kind]
+    damaged = routed / name
+    damaged.write_text(content, encoding="utf-8")
+    for tool, argv in (
+        (report.main, [str(routed), "--out", str(tmp_path / "t.md")]),
+        (model_card.main, [str(routed), "--train-config", str(REPO_ROOT / "configs" / "pretrain" / "tiny-cpu.yaml")]),
+    ):
+        with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as stderr:
+            tool(argv)
+        assert exit_info.value.code == 2
+        assert str(damaged) in stderr.getvalue() and message in stderr.getvalue(), stderr.getvalue()
+    assert not (tmp_path / "t.md").exists() and not (routed / "README.md").exists()
+
+
+def test_report_acc_norm_falls_back_to_acc_for_boolq_only(two_models, tmp_path):
+    """A task that has acc_norm in lm-eval but not in this file shows '-', not its acc under the acc_norm label."""
+    dense, _ = two_models
+    table = report.build_table([report.load_model_results(dense)], metric="acc_norm")
+    row = table["rows"][0]
+    assert row["boolq"] == pytest.approx(57.31)  # BoolQ has acc only: it stands in
+    assert row["arc_easy"] is None and row["hellaswag"] is None
 
 
 # --------------------------------------------------------------------------------------------- model cards

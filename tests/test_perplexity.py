@@ -146,6 +146,8 @@ def test_results_merge_per_file(tiny_pnet_dir, text_files, tmp_path):
         ("rows.jsonl", '{"text": "a"}\n{"text": \n', "rows.jsonl:2: not valid JSON"),
         ("rows.jsonl", '["text"]\n', "rows.jsonl:1: expected a JSON object, got list"),
         ("latin1.txt", b"caf\xe9\n", "latin1.txt: not UTF-8 text"),
+        # a JSON escape decodes to a lone surrogate, which no tokenizer takes (before: refused after the model loaded)
+        ("rows.jsonl", '{"text": "\\ud800 x"}\n', "rows.jsonl:1: 'text' holds a lone surrogate \\ud800"),
     ],
 )
 def test_bad_files_fail_before_any_model_work(name, content, message, tiny_pnet_dir, tmp_path, monkeypatch):
@@ -263,6 +265,16 @@ def test_json_file_of_json_lines_is_read_as_json_lines(tmp_path):
     pretty.write_text(json.dumps([{"text": t} for t in JSONL_DOCS], indent=2), encoding="utf-8")
     with pytest.raises(ValueError, match=r"pretty.json:1: not valid JSON .*\.json files are read as JSON Lines"):
         perplexity.load_text_files(pretty)
+
+
+@pytest.mark.parametrize("name", ["ROWS.JSONL", "rows.Json", "rows.NDJSON.GZ"])
+def test_json_lines_extensions_in_any_case_are_json_lines(name, tmp_path):
+    """Before, `ROWS.JSONL` was scored as one plain-text document of braces and keys."""
+    path = tmp_path / name
+    lines = "".join(json.dumps({"text": text}) + "\n" for text in JSONL_DOCS).encode()
+    path.write_bytes(gzip.compress(lines) if name.lower().endswith(".gz") else lines)
+    [loaded] = perplexity.load_text_files(path)
+    assert (loaded.format, loaded.texts, loaded.label) == ("jsonl", tuple(JSONL_DOCS), "ROWS" if "ROWS" in name else "rows")
 
 
 @pytest.mark.parametrize("prefix_token_id", [32000, -1])
