@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageInput, PILImageResampling
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageInput,
+    PILImageResampling,
+    is_pil_image,
+)
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 from .transformers_version import TRANSFORMERS_REQUIREMENT  # noqa: F401  (checks the installed release)
@@ -31,7 +37,8 @@ class ParameterNetImageProcessorKwargs(ImagesKwargs, total=False):
 class ParameterNetImageProcessor(PilBackend):
     """Resize (shorter side), center-crop, rescale to [0, 1] and normalise; PIL images, numpy arrays or tensors,
     grey (H, W) / (1, H, W) or RGB, channels first or last. Grey inputs are replicated to RGB for 3-channel models
-    (`do_convert_rgb`) or RGB inputs reduced to luma for 1-channel models (`do_convert_grayscale`).
+    (`do_convert_rgb`) or RGB inputs reduced to luma for 1-channel models (`do_convert_grayscale`). PIL images of any
+    mode are converted by PIL itself (`image.convert("L")` / `image.convert("RGB")`), as in training and the pipeline.
 
     Defaults are the ImageNet evaluation transform of the paper's models: shorter side 256 (bilinear), 224 center crop,
     ImageNet mean / std.
@@ -75,6 +82,13 @@ class ParameterNetImageProcessor(PilBackend):
         """One image to a channels-first array with 3 channels (RGB) or 1 channel (grayscale)."""
         if do_convert_grayscale is None:
             do_convert_grayscale = self.do_convert_grayscale
+        if do_convert_rgb is None:
+            do_convert_rgb = self.do_convert_rgb
+        if is_pil_image(image) and (do_convert_grayscale or do_convert_rgb):
+            # PIL converts every mode (P, 1, LA, RGBA, CMYK, I;16, F, ...) itself, as the training transforms and the
+            # image-classification pipeline do: `image.convert("L")` luma, or `image.convert("RGB")` (alpha dropped).
+            image = image.convert("L" if do_convert_grayscale else "RGB")
+            do_convert_rgb = False
         image = super().process_image(
             image, do_convert_rgb=do_convert_rgb and not do_convert_grayscale, input_data_format=input_data_format
         )
@@ -88,7 +102,7 @@ class ParameterNetImageProcessor(PilBackend):
                 return image
             luma = np.tensordot(LUMA_WEIGHTS, image[:3].astype(np.float32), axes=1)
             return luma[None].astype(image.dtype) if image.dtype == np.uint8 else luma[None]
-        if channels == 1 and (self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb):
+        if channels == 1 and do_convert_rgb:
             # Grey arrays and tensors: transformers before 5.24 converts only PIL images to RGB.
             return np.repeat(image, 3, axis=0)
         return image

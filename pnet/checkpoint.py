@@ -29,6 +29,9 @@ import yaml
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
 RUN_SETTINGS_FILE = "run_settings.json"
+# Every file of a checkpoint with its size, written last: a file missing on resume (a copy that left out the RNG
+# states, say) would otherwise be skipped by accelerate, or fail with another file's name, and the resume not be exact.
+MANIFEST_FILE = "manifest.json"
 WORLD_SIZE = "world_size"  # the pseudo-setting for the number of processes in run_settings.json
 DATA_FILES = "data_files"  # the pseudo-setting {local data file: content hash} in run_settings.json
 # Model config entries that say how a config was saved or loaded, not what the model computes.
@@ -113,6 +116,10 @@ class CheckpointSaver:
             write_json_atomic(tmp / TRAINER_STATE_FILE, trainer_state)
             write_json_atomic(tmp / RUN_SETTINGS_FILE, run_settings)
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / MANIFEST_FILE, {str(path.relative_to(tmp)): path.stat().st_size
+                                                    for path in sorted(tmp.rglob("*")) if path.is_file()})
+        accelerator.wait_for_everyone()
         self.pending = step
 
     def publish(self) -> Path | None:
@@ -177,9 +184,21 @@ def file_damage(path: Path) -> str | None:
 
 
 def checkpoint_damage(checkpoint: Path) -> list[str]:
-    """``file: reason`` for every damaged file of a checkpoint (a disk that filled up, a copy cut short)."""
-    return [f"{path.relative_to(checkpoint)}: {reason}" for path in sorted(checkpoint.rglob("*"))
-            if path.is_file() and (reason := file_damage(path))]
+    """``file: reason`` for every damaged file of a checkpoint (a disk that filled up, a copy cut short), and for
+    every file its manifest lists that is missing or has another size (checkpoints written before the manifest are
+    checked by their files alone)."""
+    damage = [f"{path.relative_to(checkpoint)}: {reason}" for path in sorted(checkpoint.rglob("*"))
+              if path.is_file() and (reason := file_damage(path))]
+    manifest = checkpoint / MANIFEST_FILE
+    if damage or not manifest.is_file():
+        return damage
+    for name, size in read_json(manifest).items():
+        path = checkpoint / name
+        if not path.is_file():
+            damage.append(f"{name}: missing ({MANIFEST_FILE} lists it)")
+        elif path.stat().st_size != size:
+            damage.append(f"{name}: {path.stat().st_size} bytes where {MANIFEST_FILE} says {size}")
+    return damage
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -293,7 +312,8 @@ def find_resume_point(output_dir: str | os.PathLike, resume: bool, settings: dic
 
     Without ``resume`` an output_dir that holds checkpoints is an error (nothing is overwritten). With it, the
     latest checkpoint's settings must equal ``settings`` apart from the keys in ``allow_changes`` (`resume_changes`;
-    the number of processes never), and ``max_steps`` may grow but not fall below the checkpoint's step.
+    the number of processes never), and ``max_steps`` may grow but not fall below the checkpoint's step (a new
+    ``max_steps`` is recorded among the changes: the schedule then spans the new length).
     """
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume:
@@ -323,4 +343,7 @@ def find_resume_point(output_dir: str | os.PathLike, resume: bool, settings: dic
     state = read_json(checkpoint / TRAINER_STATE_FILE)
     history = state.get("config_changes", []) + [
         {"step": step, "setting": key, "checkpoint": old, "now": new} for key, (old, new) in changes.items()]
+    if max_steps is not None and state.get("max_steps", max_steps) != max_steps:
+        # free to grow, but not silently (the resume event): the schedule spans the new length, a cosine's lr rises
+        changes["max_steps"] = [state["max_steps"], max_steps]
     return ResumePoint(step, checkpoint, state.get("tokens", 0), changes, history, state.get("recent_losses", []))

@@ -68,12 +68,13 @@ def bundled_data_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def load_sst2(dataset: str, dataset_config: str, data_dir: str | None) -> tuple[datasets.DatasetDict, str]:
-    """SST-2 splits from the Hub or from local JSON Lines; returns (splits, where they came from)."""
+def load_sst2(dataset: str, dataset_config: str, data_dir: str | None) -> tuple[datasets.DatasetDict, str, list[str]]:
+    """SST-2 splits from the Hub or from local JSON Lines; returns (splits, where they came from, the local files
+    read: their content hashes `--resume` compares)."""
     if data_dir is None and hub_is_offline():
         data_dir = "bundled"
     if data_dir is None:
-        return datasets.load_dataset(dataset, dataset_config), f"hub:{dataset}/{dataset_config}"
+        return datasets.load_dataset(dataset, dataset_config), f"hub:{dataset}/{dataset_config}", []
     root = bundled_data_dir() if data_dir == "bundled" else Path(data_dir).expanduser().resolve()
     files = {}
     for split in ("train", "validation"):
@@ -85,7 +86,7 @@ def load_sst2(dataset: str, dataset_config: str, data_dir: str | None) -> tuple[
         raise FileNotFoundError(
             f"data.data_dir: no sst2/validation.jsonl[.gz] under {str(root)!r} (train is optional); it holds: "
             f"{present or 'nothing'}")
-    return datasets.load_dataset("json", data_files=files), f"local:{root / 'sst2'}"
+    return datasets.load_dataset("json", data_files=files), f"local:{root / 'sst2'}", list(files.values())
 
 
 def split_for_finetuning(
@@ -105,7 +106,9 @@ def split_for_finetuning(
 
 def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, max_length: int, shuffle: bool,
                 generator: torch.Generator | None = None) -> DataLoader:
-    """Batches padded to their longest sentence (right padding; the classifier reads the last non-pad token)."""
+    """Batches padded to their longest sentence (right padding; the classifier reads the last non-pad token). Without
+    a `generator`, the loader gets a private one: iterating would otherwise draw from the global RNG that dropout
+    uses, and each evaluation would shift the training after it."""
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = tokenizer(
@@ -114,6 +117,7 @@ def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, max_length: in
         batch["labels"] = torch.tensor([int(r["label"]) for r in rows])
         return dict(batch)
 
+    generator = torch.Generator() if generator is None else generator
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
@@ -148,10 +152,13 @@ class SequenceClassificationTask(Task):
         self.output_dir = output_dir_of(config)
         self.trust = trust_remote_code_for(config.model, config.trust_remote_code)  # decided before any loading
 
+    def data_files(self) -> list[str]:
+        return self.local_files
+
     def plan(self, accelerator: Accelerator) -> Plan:
         config, data = self.config, self.config.data
         self.accelerator = accelerator
-        splits, self.source = load_sst2(data.dataset, data.dataset_config, data.data_dir)
+        splits, self.source, self.local_files = load_sst2(data.dataset, data.dataset_config, data.data_dir)
         self.train_set, self.eval_set, self.eval_split, self.label = split_for_finetuning(
             splits, data.heldout_fraction, config.seed)
         if data.max_train_samples:

@@ -95,6 +95,10 @@ class Task:
         ``split``, ``records``, ``bad``, ``examples``), logged as a ``data_check`` event when any is bad."""
         return []
 
+    def check_resume(self, changes: dict[str, list]) -> None:
+        """Refuse (`ResumeError`) an allowed change of settings ({key: [checkpoint's, now]}) that this task cannot
+        resume with; called before anything is built."""
+
     def data_files(self) -> list[str]:
         """The local data files the run reads: their content hashes join the run settings, so a file that changed
         between a checkpoint and ``--resume`` is reported."""
@@ -433,7 +437,7 @@ class _Run:
             if step % self.eval_every == 0 or last:
                 metrics = self.evaluate(step, final=last)
             if (self.save_every and step % self.save_every == 0) or last:
-                trainer_state = {"step": step, "config_changes": self.start.history,
+                trainer_state = {"step": step, "max_steps": plan.max_steps, "config_changes": self.start.history,
                                  "recent_losses": list(self.recent_losses)}
                 if plan.tokens_per_step:
                     trainer_state["tokens"] = self.tokens(step)
@@ -485,6 +489,7 @@ def _locked_run(task: Task, config: CheckpointedTrainingConfig, accelerator: Acc
     settings = run_settings(config.to_dict(), config.free_on_resume, plan.model_config.to_dict(),
                             accelerator.num_processes, task.data_files())
     start = find_resume_point(output_dir, resume, settings, allow_changes, plan.max_steps)
+    task.check_resume(start.changes)
     data_checks = task.check_data()
 
     state = _Run(task, config, accelerator, plan, start, settings)

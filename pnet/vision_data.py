@@ -17,6 +17,7 @@ import io
 import math
 import os
 import random
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -49,6 +50,16 @@ def read_idx(path: str) -> np.ndarray:
 
 def is_idx_folder(path: str) -> bool:
     return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in IDX_FILES["train"])
+
+
+def local_data_files(path: str) -> list[str]:
+    """The local files `load_image_dataset(path)` reads (an IDX folder's four, every file of an imagefolder), whose
+    content hashes `--resume` compares; none for a Hub id."""
+    if is_idx_folder(path):
+        return [os.path.join(path, name) for split in IDX_FILES.values() for name in split]
+    if os.path.isdir(path):
+        return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    return []
 
 
 def load_idx_dataset(path: str, label_names: list[str] | None = None, limit: int | None = None) -> datasets.DatasetDict:
@@ -317,13 +328,16 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
 
 class EvalTransform:
-    """Batch transform for evaluation: the image processor alone (resize, center crop, normalise)."""
+    """Batch transform for evaluation: the image mode of `TrainTransform` ("L" for a grayscale image processor, else
+    "RGB"), then the image processor alone (resize, center crop, normalise)."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
+        self.mode = "L" if image_processor.do_convert_grayscale else "RGB"
 
     def __call__(self, batch: dict) -> dict:
-        pixel_values = self.image_processor(batch["image"], return_tensors="pt").pixel_values
+        images = [image.convert(self.mode) for image in batch["image"]]
+        pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return {"pixel_values": pixel_values, "labels": torch.tensor(batch["label"])}
 
 

@@ -33,7 +33,7 @@ from transformers import AutoModelForImageClassification
 
 from modeling_parameternet import ParameterNetImageProcessor
 from pnet import run_log as L
-from pnet.checkpoint import write_json_atomic
+from pnet.checkpoint import ResumeError, write_json_atomic
 from pnet.config import (
     ConfigError,
     VisionTrainConfig,
@@ -52,6 +52,7 @@ from pnet.vision_data import (
     collate,
     is_idx_folder,
     load_image_dataset,
+    local_data_files,
     stratified_subset,
 )
 
@@ -99,6 +100,16 @@ class ImageClassificationTask(Task):
         self.output_dir = Path(config.output_dir)
         self.ema: ModelEMA | None = None
 
+    def data_files(self) -> list[str]:
+        return local_data_files(self.config.data.path)
+
+    def check_resume(self, changes: dict[str, list]) -> None:
+        if "ema_decay" in changes and 0 in changes["ema_decay"]:
+            old, new = changes["ema_decay"]
+            raise ResumeError(f"--allow-change ema_decay: {old!r} in the checkpoint, {new!r} now; a checkpoint with an "
+                              "EMA of the weights cannot resume without one, nor one without an EMA with one. Allowed: "
+                              "another ema_decay > 0 when the checkpoint has one")
+
     def plan(self, accelerator: Accelerator) -> Plan:
         """Load the dataset, check its splits and columns, and derive the run length (before the model is built)."""
         config, data_cfg = self.config, self.config.data
@@ -145,6 +156,9 @@ class ImageClassificationTask(Task):
         config = self.config
         unwrapped = accelerator.unwrap_model(model)
         eval_transform = EvalTransform(self.image_processor)
+        # Evaluation loaders get generators of their own: an iterator without one draws its base seed from the global
+        # RNG, which dropout and augmentation use, so each evaluation would shift the training that follows it (and
+        # eval_every, which may change on resume, would change the losses).
         loader_kwargs = {"collate_fn": collate, "num_workers": config.num_workers}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_set = AugmentedDataset(
@@ -153,11 +167,12 @@ class ImageClassificationTask(Task):
         train_loader = DataLoader(self.train_set, batch_size=config.micro_batch_size, shuffle=True, drop_last=True,
                                   generator=self.generator, **loader_kwargs)
         eval_loader = DataLoader(self.eval_data.with_transform(eval_transform), batch_size=config.eval_batch_size,
-                                 **loader_kwargs)
+                                 generator=torch.Generator(), **loader_kwargs)
         # Training-set accuracy is measured on a fixed subset with the evaluation transform (no augmentation).
         train_eval_size = min(config.train_eval_samples, len(self.train_data))
         train_eval_loader = DataLoader(self.train_data.select(range(train_eval_size)).with_transform(eval_transform),
-                                       batch_size=config.eval_batch_size, **loader_kwargs)
+                                       batch_size=config.eval_batch_size, generator=torch.Generator(),
+                                       **loader_kwargs)
         self.train_loader, self.eval_loader, self.train_eval_loader = accelerator.prepare(
             train_loader, eval_loader, train_eval_loader)
         if config.ema_decay > 0:

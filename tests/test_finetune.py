@@ -1,6 +1,7 @@
 """SST-2 fine-tuning through the shared trainer (`pnet.training`): a checkpoint every epoch, an exact resume, the log
 of the shared loop, and the refusal to overwrite or to continue with other settings."""
 
+import gzip
 import json
 import shutil
 
@@ -47,3 +48,22 @@ def test_checkpoint_every_epoch_and_exact_resume(tiny_pnet_dir, tmp_path):
         finetune.main(args)
     with pytest.raises(ResumeError, match="lr: 0.003 in the checkpoint, 0.01 now"):
         finetune.main(args + ["lr=0.01", "--resume"])
+
+
+def test_a_data_file_changed_under_a_run_is_reported_on_resume(tiny_pnet_dir, tmp_path, repo_root):
+    """As pretraining: --resume compares the content hash of every local data file (before, SST-2 resumed on flipped
+    labels without a word)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(repo_root / "eval" / "data" / "sst2", data_dir / "sst2")
+    run = tmp_path / "ft"
+    args = [str(tiny_pnet_dir), f"data.data_dir={data_dir}", "data.max_train_samples=8", "data.max_eval_samples=8",
+            "data.seq_len=32", "epochs=1", "micro_batch_size=8", "eval_batch_size=8", f"output_dir={run}",
+            "cpu_threads=1"]
+    finetune.main(args)
+    validation = data_dir / "sst2" / "validation.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.decompress(validation.read_bytes()).splitlines()]
+    flipped = "".join(json.dumps({**row, "label": 1 - int(row["label"])}) + "\n" for row in rows)
+    validation.write_bytes(gzip.compress(flipped.encode()))  # every label flipped
+    with pytest.raises(ResumeError, match=f"(?s)data_files.{validation}: '[0-9a-f]{{64}}' in the checkpoint.*"
+                                          "--allow-change data_files"):
+        finetune.main(args + ["epochs=2", "--resume"])

@@ -286,13 +286,14 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tmp_path, mode
     assert (run_dir / "pretrain_config.yaml").read_text() == saved_config
     assert sorted(train_records(run_dir)) == list(range(1, 41))
 
-    # max_steps grows: allowed as is. A half-written last log line (a kill mid-write) is dropped, not a crash.
+    # max_steps grows: allowed as is, and recorded (the schedule spans the new length). A half-written last log line
+    # (a kill mid-write) is dropped, not a crash.
     with open(run_dir / L.LOG_FILE, "a") as f:
         f.write('{"step": 41, "loss": 10.')
     run_in_process(model_path, run_dir, "max_steps=42", "--resume")
     records = train_records(run_dir)
     assert sorted(records) == list(range(1, 43)) and records[42][L.TOKENS] == 42 * 128
-    assert L.event_records(L.read_log(run_dir / L.LOG_FILE), L.EVENT_RESUME)[-1][L.CHANGES] == {}
+    assert L.event_records(L.read_log(run_dir / L.LOG_FILE), L.EVENT_RESUME)[-1][L.CHANGES] == {"max_steps": [40, 42]}
 
     # An allowed change takes effect (the lr of the next step is the new schedule's) and is recorded.
     run_in_process(model_path, run_dir, "max_steps=44", "lr=1e-3", "--resume", "--allow-change", "lr")
@@ -300,7 +301,7 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tmp_path, mode
     factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (42 - 4) / (44 - 4)))  # cosine to 10%, warmup 4
     assert records[43][L.LR] == pytest.approx(1e-3 * factor, rel=1e-6)
     event = L.event_records(L.read_log(run_dir / L.LOG_FILE), L.EVENT_RESUME)[-1]
-    assert event[L.STEP] == 42 and event[L.CHANGES] == {"lr": [0.003, 0.001]}
+    assert event[L.STEP] == 42 and event[L.CHANGES] == {"lr": [0.003, 0.001], "max_steps": [42, 44]}
     saved = (run_dir / "pretrain_config.yaml").read_text()
     assert "# --resume at step 42 with --allow-change lr: 0.003 -> 0.001" in saved
     assert yaml.safe_load(saved)["lr"] == 0.001

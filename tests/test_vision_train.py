@@ -1,6 +1,7 @@
 """scripts/train_vision.py end to end on a slice of Fashion-MNIST: logs, checkpoints, export, exact resume; its
 config is the shared typed one (same keys as pretraining, typos and bad ranges rejected before anything runs)."""
 
+import gzip
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pnet import run_log as L
 from pnet import vision_train
 from pnet.checkpoint import ResumeError
 from pnet.config import ConfigError
@@ -73,6 +75,72 @@ def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tm
     # Resuming with another learning rate is refused, naming it (the shared pnet.checkpoint resume check).
     with pytest.raises(ResumeError, match="lr: 0.004 in the checkpoint, 0.01 now"):
         vision_train.main(recipe_args(run) + ["lr=0.01", "--resume"])
+
+
+def test_evaluation_cadence_does_not_change_training(recipe_args, tmp_path, restore_threads):
+    """eval_every may change on resume: it must not move the losses. Before, every evaluation loader drew its seed
+    from the global RNG that dropout uses, and the losses parted from the first evaluation on."""
+
+    def losses(run, *extra):
+        vision_train.main(recipe_args(run, "log_every=1", "save_every=0", *extra))
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    rarely, often = losses(tmp_path / "rarely", "eval_every=6"), losses(tmp_path / "often", "eval_every=1")
+    assert [step for step, _ in often] == [1, 2, 3, 4, 5, 6]
+    assert often == rarely
+
+
+def test_a_checkpoint_missing_a_file_is_damaged_not_resumed_inexactly(recipe_args, tmp_path, restore_threads):
+    """Before, a checkpoint without its RNG states resumed without a word, and every loss after it differed; a
+    missing optimizer file failed after the model was built, naming pytorch_model.bin."""
+    run = tmp_path / "run"
+    vision_train.main(recipe_args(run, "ema_decay=0"))
+    shutil.rmtree(run / "final")
+
+    def append_bytes(path):
+        with open(path, "ab") as file:
+            file.write(b"\0" * 16)
+
+    for damage, name, message in (
+        (os.remove, "random_states_0.pkl", "missing \\(manifest.json lists it\\)"),
+        (append_bytes, "optimizer.bin", "\\d+ bytes where manifest.json says \\d+"),
+    ):
+        copy = shutil.copytree(run, tmp_path / f"copy-{name}")
+        damage(copy / "checkpoint-6" / name)
+        with pytest.raises(ResumeError, match=f"the latest checkpoint {copy / 'checkpoint-6'} is damaged: {name}: "
+                                              f"{message}.*previous intact checkpoint is {copy / 'checkpoint-3'}"):
+            vision_train.main(recipe_args(copy) + ["ema_decay=0", "--resume"])
+
+
+def test_a_changed_data_file_or_an_ema_switched_off_is_refused_on_resume(recipe_args, shared_data, tmp_path,
+                                                                       restore_threads):
+    """Before: a label file rewritten under a run resumed without a word (only pretraining hashed its files), and
+    --allow-change ema_decay to 0 was accepted, then crashed inside accelerate's load_state."""
+    data = shutil.copytree(shared_data / "images" / "fashion-mnist", tmp_path / "fmnist")
+    run = tmp_path / "run"
+    vision_train.main(recipe_args(run, f"data.path={data}"))
+    shutil.rmtree(run / "final")
+    with pytest.raises(ResumeError, match="--allow-change ema_decay: 0.998 in the checkpoint, 0.0 now; a checkpoint "
+                                          "with an EMA of the weights cannot resume without one"):
+        vision_train.main(recipe_args(run, f"data.path={data}", "ema_decay=0", "--resume", "--allow-change",
+                                      "ema_decay"))
+    labels = data / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[8:] = bytes((label + 1) % 10 for label in raw[8:])  # every label shifted by one
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(ResumeError, match=f"(?s)data_files.{labels}: '[0-9a-f]{{64}}' in the checkpoint"):
+        vision_train.main(recipe_args(run, f"data.path={data}", "--resume"))
+
+
+def test_a_longer_run_on_resume_is_recorded(recipe_args, tmp_path, restore_threads):
+    """max_steps may grow on resume; the schedule then spans the new length (its lr rises again), so the resume
+    event says so (before: "changes": {})."""
+    run = tmp_path / "run"
+    vision_train.main(recipe_args(run))
+    vision_train.main(recipe_args(run, "max_steps=8", "--resume"))
+    [event] = L.event_records(L.read_log(run / L.LOG_FILE), L.EVENT_RESUME)
+    assert event[L.CHANGES] == {"max_steps": [6, 8]}
 
 
 @pytest.mark.parametrize("override,message", [
