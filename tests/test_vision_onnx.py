@@ -75,5 +75,95 @@ def test_export_cli_on_saved_folder(repo_root, tmp_path, capsys):
     status = export_onnx.main([str(tmp_path / "run"), "--output", str(tmp_path / "m.onnx"), "--exporter", "torchscript"])
     out = capsys.readouterr().out
     assert status == 0 and "reparameterized=True" in out and " OK" in out
-    with pytest.raises(ValueError, match="--batch-size 0 is invalid"):
+    with pytest.raises(SystemExit) as exit_info:
         export_onnx.main([str(tmp_path / "run"), "--output", str(tmp_path / "x.onnx"), "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch-size: 0 is invalid; allowed: an integer >= 1" in capsys.readouterr().err
+
+
+def tiny_config_json(tmp_path) -> str:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({**TINY, "num_experts": 2}))
+    return str(path)
+
+
+def cli_error(export_onnx, argv, capsys, monkeypatch) -> str:
+    """Run the command line expecting a usage error before any model is built; return its error line."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(export_onnx, "load_model", no_model)
+    monkeypatch.setattr(export_onnx, "ParameterNetForImageClassification", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "error: " in lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("exporter, opset, allowed", [("dynamo", 5, "18 to 23"), ("dynamo", 17, "18 to 23"),
+                                                      ("torchscript", 6, "7 to 20"), ("torchscript", 21, "7 to 20")])
+def test_export_cli_rejects_unsupported_opset(repo_root, tmp_path, capsys, monkeypatch, exporter, opset, allowed):
+    """An opset the exporter cannot write is refused before any work (the dynamo exporter used to write opset 18 for
+    --opset 5 and report success)."""
+    export_onnx = load_script(repo_root)
+    output = tmp_path / "m.onnx"
+    line = cli_error(export_onnx, [tiny_config_json(tmp_path), "--output", str(output), "--exporter", exporter,
+                                   "--opset", str(opset)], capsys, monkeypatch)
+    assert f"--opset: opset {opset} is not supported by the {exporter} exporter; allowed: {allowed}" in line
+    assert not output.exists()
+    with pytest.raises(ValueError, match=f"opset {opset} is not supported"):
+        export_onnx.export_onnx(None, str(output), exporter=exporter, opset=opset)
+
+
+def test_export_onnx_checks_written_opset(repo_root, tmp_path, monkeypatch):
+    """A file whose default-domain opset is not the requested one is an error, and is removed."""
+    export_onnx = load_script(repo_root)
+    model = ParameterNetForImageClassification(ParameterNetConfig(**TINY, num_experts=2)).eval()
+    real_export = torch.onnx.export
+
+    def off_by_one(*args, **kwargs):  # an exporter that silently writes another opset than asked
+        return real_export(*args, **{**kwargs, "opset_version": kwargs["opset_version"] + 1})
+
+    monkeypatch.setattr(torch.onnx, "export", off_by_one)
+    output = tmp_path / "m.onnx"
+    with pytest.raises(export_onnx.ExportError, match="wrote opset 18 instead of the requested opset 17"):
+        export_onnx.export_onnx(model, str(output), exporter="torchscript", opset=17)
+    assert not output.exists()
+    monkeypatch.setattr(torch.onnx, "export", real_export)
+    path = export_onnx.export_onnx(model, str(output), exporter="torchscript", opset=17)
+    assert [o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+
+@pytest.mark.parametrize("size, allowed", [("0", "an integer >= 1"), ("-16", "an integer >= 1"),
+                                           ("3", "an integer >= 4 (the network's total stride")])
+def test_export_cli_rejects_bad_image_size(repo_root, tmp_path, capsys, monkeypatch, size, allowed):
+    """--image-size 0 used to fall back to the config's size; one below the network's total stride used to surface as
+    a TorchExportError traceback."""
+    export_onnx = load_script(repo_root)
+    line = cli_error(export_onnx, [tiny_config_json(tmp_path), "--output", str(tmp_path / "m.onnx"),
+                                   "--image-size", size], capsys, monkeypatch)
+    assert "--image-size: " in line and f"{size} is " in line and f"allowed: {allowed}" in line
+    model = ParameterNetForImageClassification(ParameterNetConfig(**TINY, num_experts=2)).eval()
+    with pytest.raises(ValueError, match=f"image size {size} is too small; allowed: an integer >= 4"):
+        export_onnx.export_onnx(model, str(tmp_path / "f.onnx"), image_size=int(size))
+
+
+def test_export_cli_rejects_bad_paths(repo_root, tmp_path, capsys, monkeypatch):
+    """A missing model path, or an --output that is a folder, is a one-line usage error naming it."""
+    export_onnx = load_script(repo_root)
+    missing = str(tmp_path / "no-such-run")
+    line = cli_error(export_onnx, [missing, "--output", str(tmp_path / "m.onnx")], capsys, monkeypatch)
+    assert f"argument model: {missing!r} does not exist; allowed: a saved model folder or a config .json" in line
+    (tmp_path / "empty").mkdir()
+    line = cli_error(export_onnx, [str(tmp_path / "empty"), "--output", str(tmp_path / "m.onnx")], capsys, monkeypatch)
+    assert "is a folder without config.json" in line
+    folder = tmp_path / "out"
+    folder.mkdir()
+    line = cli_error(export_onnx, [tiny_config_json(tmp_path), "--output", str(folder)], capsys, monkeypatch)
+    assert f"argument --output: {str(folder)!r} is a folder; allowed: the path of an .onnx file to write" in line
+    line = cli_error(export_onnx, [tiny_config_json(tmp_path), "--output", str(tmp_path / "tiny.json" / "m.onnx")],
+                     capsys, monkeypatch)
+    assert "which is a file" in line
