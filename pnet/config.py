@@ -296,6 +296,36 @@ class PretrainConfig(CheckpointedTrainingConfig):
 
 # ----------------------------------------------------------------------------------------------------- vision
 
+def check_image_processor(processor, settings: dict[str, Any], model_config) -> None:
+    """The image processor (built from the recipe's `image_processor` settings) makes images the model takes: the
+    model's channel count, one mean and std per channel (std > 0), a size the network's stride allows; and the
+    recipe's on/off settings are booleans. Checked with the config, before any data is read (each used to fail at the
+    first training step, or to train on nan)."""
+    for key, value in settings.items():
+        if key.startswith("do_") and not isinstance(value, bool):
+            raise ValueError(f"image_processor.{key}={value!r}; allowed: true or false")
+    channels = 1 if processor.do_convert_grayscale else 3
+    if channels != model_config.num_channels:
+        raise ValueError(f"image_processor: do_convert_grayscale={processor.do_convert_grayscale} gives {channels}-channel "
+                         f"images, the model takes num_channels={model_config.num_channels}; allowed: "
+                         f"do_convert_grayscale={model_config.num_channels == 1}")
+    if processor.do_normalize:
+        for key in ("image_mean", "image_std"):
+            values = getattr(processor, key)
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) not in (1, channels):
+                raise ValueError(f"image_processor.{key}={values}: {len(values)} values for {channels}-channel images; "
+                                 f"allowed: {channels} (one per channel)")
+            if key == "image_std" and not all(v > 0 for v in values):
+                raise ValueError(f"image_processor.image_std={values}; allowed: values > 0 (images are divided by it)")
+    side = processor.crop_size if processor.do_center_crop else processor.size if processor.do_resize else None
+    lowest = max(1, getattr(model_config, "image_size_divisor", 1))
+    given = [v for v in (side.height, side.width, side.shortest_edge) if v is not None] if side is not None else []
+    if any(v < lowest for v in given):
+        raise ValueError(f"image_processor: {'crop_size' if processor.do_center_crop else 'size'} {given} makes images "
+                         f"the model cannot take; allowed: sides >= {lowest} (the network's total stride)")
+
+
 @dataclasses.dataclass
 class AugmentConfig:
     """Training augmentation, as in the recipe YAML's `augment:` block (applied by `pnet.vision_data`)."""
@@ -405,7 +435,8 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
             unknown = sorted(set(self.image_processor) - set(allowed))
             if unknown:
                 raise ValueError(unknown_key_message(unknown, allowed, "image_processor"))
-        self.build_model_config()
+        check_image_processor(ParameterNetImageProcessor(**self.image_processor), self.image_processor,
+                              self.build_model_config())
         return self
 
     def build_model_config(self, label_names: list[str] | None = None):

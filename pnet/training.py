@@ -353,10 +353,12 @@ class _Run:
         divergence = self.divergence(step, means, grad_norm)
         if divergence:
             self.saver.discard()  # its weights are the ones that just gave this loss / gradient
-            raise FloatingPointError(
-                f"{divergence}; stopped before the update. Last good checkpoint: "
-                f"{self.saver.last_published() or 'none'} (--resume continues from it, e.g. with a lower lr: lr=... "
-                "--allow-change lr)")
+            last_good = self.saver.last_published()
+            advice = (f"Last good checkpoint: {last_good} (--resume continues from it, e.g. with a lower lr: lr=... "
+                      "--allow-change lr)" if last_good else
+                      "No checkpoint was published: start again, e.g. with a lower lr or warmup, or a save_every that "
+                      "keeps one")
+            raise FloatingPointError(f"{divergence}; stopped before the update. {advice}")
         self.saver.publish()  # the pending checkpoint's weights gave this finite step: it resumes and trains
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         self.optimizer.step()

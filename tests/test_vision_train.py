@@ -151,6 +151,14 @@ def test_a_longer_run_on_resume_is_recorded(recipe_args, tmp_path, restore_threa
     ("model_overrides.num_expert=2", r"model_overrides: unknown key\(s\) \['num_expert'\]"),
     ("micro_batch_size=0", "micro_batch_size=0: Input should be greater than 0"),
     ("epochs=3", "set exactly one of max_steps and epochs"),
+    # processor settings the model cannot take (each used to fail at the first step, or to train on nan)
+    ("model_overrides.num_channels=3", "do_convert_grayscale=True gives 1-channel images, the model takes "
+                                       "num_channels=3; allowed: do_convert_grayscale=False"),
+    ("image_processor.image_mean=[0.1,0.2,0.3]", r"image_mean=\[0.1, 0.2, 0.3\]: 3 values for 1-channel images"),
+    ("image_processor.image_std=[0]", r"image_std=\[0\]; allowed: values > 0"),
+    ("image_processor.size={height: 0, width: 0}", r"size \[0, 0\] makes images the model cannot take; allowed: "
+                                                   r"sides >= 16"),
+    ("image_processor.do_normalize=notabool", "image_processor.do_normalize='notabool'; allowed: true or false"),
 ])
 def test_bad_settings_fail_before_any_data_is_read(override, message, recipe_args, tmp_path):
     with pytest.raises(ConfigError, match=message):
