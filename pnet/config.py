@@ -435,6 +435,10 @@ class VisionTrainConfig(CheckpointedTrainingConfig):
             unknown = sorted(set(self.image_processor) - set(allowed))
             if unknown:
                 raise ValueError(unknown_key_message(unknown, allowed, "image_processor"))
+        label_keys = sorted({"id2label", "label2id", "num_labels"} & set(self.model_overrides))
+        if label_keys:  # build_model_config replaces them by the dataset's: an override would be recorded, not used
+            raise ValueError(f"model_overrides: {label_keys} come from the dataset (the names of data.label_column); "
+                             "allowed: leave them out")
         check_image_processor(ParameterNetImageProcessor(**self.image_processor), self.image_processor,
                               self.build_model_config())
         return self

@@ -159,6 +159,7 @@ def test_a_longer_run_on_resume_is_recorded(recipe_args, tmp_path, restore_threa
     ("image_processor.size={height: 0, width: 0}", r"size \[0, 0\] makes images the model cannot take; allowed: "
                                                    r"sides >= 16"),
     ("image_processor.do_normalize=notabool", "image_processor.do_normalize='notabool'; allowed: true or false"),
+    ("model_overrides.id2label={0: a}", r"model_overrides: \['id2label'\] come from the dataset"),  # was ignored
 ])
 def test_bad_settings_fail_before_any_data_is_read(override, message, recipe_args, tmp_path):
     with pytest.raises(ConfigError, match=message):
