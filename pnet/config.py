@@ -677,6 +677,8 @@ def parse_config(cls: type[ConfigModel], values: dict[str, Any], source: str = "
 
         def origin(e: dict[str, Any]) -> str:
             key = ".".join(str(part) for part in e["loc"])
+            if not key and overridden:  # a rule across keys: the file's values, the command line's, or both
+                return f"{source} with the command-line overrides of {list(overridden)}"
             from_command_line = key and any(key == o or key.startswith(f"{o}.") for o in overridden)
             return "command-line override" if from_command_line else source
 

@@ -167,6 +167,14 @@ def test_bad_settings_fail_before_any_data_is_read(override, message, recipe_arg
     assert not (tmp_path / "never").exists()
 
 
+def test_a_rule_across_keys_names_the_command_line_overrides(repo_root, tmp_path):
+    """warmup_steps (the file's 50) against max_steps=4 (the command line's): the error used to name the file alone."""
+    recipe = repo_root / "configs/vision/train-fmnist-cpu.yaml"
+    with pytest.raises(ConfigError, match=f"^{recipe} with the command-line overrides of \\['max_steps', 'output_dir'\\]: "
+                                          "warmup_steps=50 must be < max_steps=4"):
+        vision_train.main(["--config", str(recipe), "max_steps=4", f"output_dir={tmp_path / 'never'}"])
+
+
 def fashion_imagefolder(shared_data, folder, per_class=12, classes=("shirt", "bag")):
     """An imagefolder (train/ and validation/, a folder per class) of Fashion-MNIST PNGs."""
     from PIL import Image
