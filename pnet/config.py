@@ -173,6 +173,10 @@ class SourceConfig(ConfigModel):
                 if folders := [m for m in matches if os.path.isdir(m)]:
                     raise ValueError(f"data_files[{split!r}]: {pattern!r} matches the folder {folders[0]!r}; data "
                                      f"files must be files (e.g. {os.path.join(folders[0], '*.jsonl.gz')!r})")
+            files = [os.path.realpath(f) for f in self.files(split)]
+            if twice := sorted({f for f in files if files.count(f) > 1}):  # the stream would read it twice
+                raise ValueError(f"data_files[{split!r}]: {twice[0]!r} is listed or matched more than once; allowed: "
+                                 "each file once (first_exhausted promises that no document repeats)")
         return self
 
     def files(self, split: str) -> list[str]:

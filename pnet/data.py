@@ -62,7 +62,7 @@ def load_tokenizer(path: str, key: str = "data.tokenizer") -> PreTrainedTokenize
     names it, for the error)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder without tokenizer files
         raise ConfigError(f"{key}={path!r}: no tokenizer could be loaded from it ({str(error).splitlines()[0]}); "
                           "allowed: a folder with tokenizer files, or a Hub id when online") from None
     if tokenizer.eos_token_id is None:
@@ -134,7 +134,7 @@ UNREADABLE = (OSError, EOFError, zlib.error)  # a garbled or truncated .gz, an u
 
 
 def _open_text(path: str):
-    if path.endswith(".gz"):
+    if path.lower().endswith(".gz"):  # any case: UP.JSONL.GZ is gzip too (read as text, every line was a bad record)
         return gzip.open(path, "rt", encoding="utf-8", errors=ENCODING_ERRORS)
     return open(path, encoding="utf-8", errors=ENCODING_ERRORS, newline="")
 
@@ -209,6 +209,8 @@ def _scan_parquet(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]
             schema.field(text_field).type)):
         return 1, 1, (f"{path}: column {text_field!r} has type {schema.field(text_field).type}, not string",)
     column = pq.read_table(path, columns=[text_field]).column(text_field)
+    if not len(column):  # as an empty JSON Lines shard: the stream fails on it (ArrowInvalid: BatchSize ... 0)
+        raise DataRecordError(f"{path}: no records (an empty shard); remove it from data_files or replace it")
     nulls = column.null_count
     examples = ()
     if nulls:
@@ -241,7 +243,7 @@ def check_records(name: str, source: SourceConfig, split: str, on_bad_record: st
                                   f"{source.text_field!r}. Fix the record, or set data.on_bad_record=skip to skip "
                                   "bad records (they are counted in the log)")
     if records - bad <= 0:
-        raise ValueError(f"data source {name!r} ({source.path}, split {split!r}) is empty"
+        raise DataRecordError(f"data source {name!r} ({source.path}, split {split!r}) is empty"
                          + (f": all {records} records are bad" if records else "") + f" (files: {files})")
     return RecordCheck(name, split, records, bad, tuple(examples))
 
@@ -356,8 +358,10 @@ def build_train_stream(config: TextDataConfig, tokenizer: PreTrainedTokenizerBas
                                  "past its end): check data.sources") from None
 
 
-def build_validation_sets(config: TextDataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Per domain, the first ``validation_sequences`` packed sequences of its validation split, (N, seq_len)."""
+def build_validation_sets(config: TextDataConfig, tokenizer: PreTrainedTokenizerBase,
+                          world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Per domain, the first ``validation_sequences`` packed sequences of its validation split, (N, seq_len); at least
+    one per process (each scores its share: with fewer sequences than processes some would score none, a 0/0 loss)."""
     sets = {}
     for name, source in config.sources.items():
         if source.validation_split is None:
@@ -368,7 +372,11 @@ def build_validation_sets(config: TextDataConfig, tokenizer: PreTrainedTokenizer
         packed = tokenize_and_pack(dataset, tokenizer, config.seq_len, config.pack_group_docs, name)
         rows = [example["input_ids"] for example, _ in zip(packed, range(config.validation_sequences))]
         if not rows:
-            raise ValueError(f"validation split of {name!r} has fewer than {config.seq_len} tokens")
+            raise DataRecordError(f"validation split of {name!r} has fewer than data.seq_len={config.seq_len} tokens: "
+                                  "no validation sequence; add documents, or set its validation_split to null")
+        if len(rows) < world_size:
+            raise ConfigError(f"validation split of {name!r}: {len(rows)} packed sequence(s) for {world_size} processes; "
+                              f"allowed: data.validation_sequences >= {world_size} and a split that packs to as many")
         sets[name] = torch.tensor(rows, dtype=torch.long)
     return sets
 

@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from pnet import run_log as L
-from pnet.checkpoint import read_json
+from pnet.checkpoint import ResumeError, read_json
 from pnet.config import (
     ConfigError,
     PretrainConfig,
@@ -111,12 +111,24 @@ class CausalLMTask(Task):
         self.router_names = unwrapped.model.router_names() if self.num_experts else []
         self.train_batches = PackedBatchIterator(build_train_stream(config.data, self.tokenizer, config.seed, rank,
                                                                     world), config.micro_batch_size)
-        self.validation = build_validation_sets(config.data, self.tokenizer)
+        self.validation = build_validation_sets(config.data, self.tokenizer, world)
         self.expert_counts = torch.zeros(len(self.router_names), max(self.num_experts, 1), device=accelerator.device)
         self.crc = 0
 
     def rank_state(self) -> dict[str, Any]:
         return {DATA_STATE_FILE.format(rank=self.accelerator.process_index): self.train_batches.state_dict()}
+
+    def check_resume(self, changes: dict[str, list]) -> None:
+        """A source added or removed (every source has a weight) cannot resume: the saved data position is the
+        stream of the checkpoint's sources (restoring it into another mix failed inside datasets, after the build)."""
+        for key, (old, new) in changes.items():
+            if key.startswith("data.sources.") and key.endswith(".weight") and None in (old, new):
+                name = key.split(".")[2]
+                raise ResumeError(
+                    f"--allow-change: data source {name!r} {'added' if old is None else 'removed'} on resume; the "
+                    "checkpoint's data position is a stream of its own sources and cannot be restored into another "
+                    "mix. Allowed: the same sources (their weights and files may change with --allow-change); for "
+                    "a new mix, start a new run from this one's weights (init_from=<its final/ folder>)")
 
     def load_rank_state(self, checkpoint: Path) -> None:
         self.train_batches.load_state_dict(

@@ -51,7 +51,7 @@ from pnet.checkpoint import (
     write_yaml_atomic,
 )
 from pnet.config import CheckpointedTrainingConfig, ConfigError, TrainingConfig
-from pnet.data import DataRecordError
+from pnet.data import DataExhaustedError, DataRecordError
 from pnet.model_loading import CheckpointKeysError
 from pnet.plots import plot_training
 from pnet.run_lock import OutputLockedError, OutputNotWritableError, exclusive_output
@@ -512,8 +512,8 @@ def _locked_run(task: Task, config: CheckpointedTrainingConfig, accelerator: Acc
 # ------------------------------------------------------------------------------------------------ command lines
 
 # What a user fixes by changing a setting, a file, a flag or the learning rate: a command ends with the message alone.
-USER_ERRORS = (ConfigError, ResumeError, DataRecordError, CheckpointKeysError, FileExistsError, FileNotFoundError,
-               OutputLockedError, OutputNotWritableError, FloatingPointError)
+USER_ERRORS = (ConfigError, ResumeError, DataRecordError, DataExhaustedError, CheckpointKeysError, FileExistsError,
+               FileNotFoundError, OutputLockedError, OutputNotWritableError, FloatingPointError)
 
 
 def run_command(prog: str, main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:

@@ -388,3 +388,63 @@ def test_a_folder_matching_the_glob_is_a_config_error(tmp_path, repo_root):
     with pytest.raises(ConfigError, match=re.escape(f"'{tmp_path / 'train-*.jsonl.gz'}' matches the folder "
                                                     f"'{tmp_path / 'train-old.jsonl.gz'}'; data files must be files")):
         single_source(repo_root, tmp_path / "train-*.jsonl.gz")
+
+
+# ------------------------------------------------------------------ found by probing the real commands (stop 28)
+
+def test_an_upper_case_gz_is_gzip(tmp_path, repo_root, tokenizer):
+    """UP.JSONL.GZ was read as text: a misleading 'invalid UTF-8 byte 0x8b', or with skip every line a bad record."""
+    write_lines(tmp_path / "up.jsonl.gz", GOOD_LINES)
+    (tmp_path / "up.jsonl.gz").rename(tmp_path / "UP.JSONL.GZ")
+    [check] = check_data(single_source(repo_root, tmp_path / "UP.JSONL.GZ"))
+    assert (check.records, check.bad) == (len(GOOD_LINES), 0)
+
+
+def test_an_empty_parquet_shard_is_named_before_anything_is_built(tmp_path, repo_root):
+    """As an empty JSON Lines shard; the stream used to fail on it with ArrowInvalid: BatchSize ... 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"document {i} " * 30 for i in range(8)]}), tmp_path / "train-0.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "train-1.parquet")
+    config = single_source(repo_root, tmp_path / "train-*.parquet")
+    config.sources["only"].path = "parquet"
+    for on_bad_record in ("error", "skip"):
+        config.on_bad_record = on_bad_record
+        with pytest.raises(DataRecordError, match=f"{tmp_path / 'train-1.parquet'}: no records \\(an empty shard\\)"):
+            check_data(config)
+
+
+def test_a_file_listed_or_matched_twice_is_a_config_error(tmp_path, repo_root):
+    """It was read twice, against first_exhausted's promise that no document repeats."""
+    write_lines(tmp_path / "low.jsonl.gz", GOOD_LINES)
+    with pytest.raises(ConfigError, match=re.escape(f"{str(tmp_path / 'low.jsonl.gz')!r} is listed or matched more "
+                                                    "than once")):
+        parse_config(TextDataConfig, {
+            "tokenizer": str(repo_root / "data/tokenizer/llama"), "seq_len": 16,
+            "sources": {"only": {"path": "json", "weight": 1, "validation_split": None, "data_files": {
+                "train": [str(tmp_path / "low.jsonl.gz"), str(tmp_path / "low*.gz")]}}}})
+
+
+def test_a_folder_without_tokenizer_files_is_a_config_error(tmp_path):
+    """transformers raises ValueError there (not OSError): it ended in a traceback."""
+    with pytest.raises(ConfigError, match=f"data.tokenizer='{tmp_path}': no tokenizer could be loaded from it"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_validation_split_too_short_for_one_sequence_is_a_data_error(tmp_path, repo_root, tokenizer):
+    """It was a ValueError, a traceback after the model was built."""
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "short doc"}) + "\n")
+    config = single_source(repo_root, tmp_path / "val.jsonl", seq_len=256)
+    config.sources["only"].validation_split = "train"
+    with pytest.raises(DataRecordError, match="validation split of 'only' has fewer than data.seq_len=256 tokens"):
+        build_validation_sets(config, tokenizer)
+
+
+def test_fewer_validation_sequences_than_processes_is_a_config_error(repo_root, tokenizer):
+    """Two processes and validation_sequences=1: one scored nothing, and the run stopped on a NaN validation loss."""
+    config = mix_config(repo_root, validation_sequences=1)
+    assert {len(rows) for rows in build_validation_sets(config, tokenizer, world_size=1).values()} == {1}
+    with pytest.raises(ConfigError, match="validation split of 'web': 1 packed sequence\\(s\\) for 2 processes; "
+                                          "allowed: data.validation_sequences >= 2"):
+        build_validation_sets(config, tokenizer, world_size=2)

@@ -282,6 +282,13 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tmp_path, mode
         run_in_process(model_path, run_dir, "data.seq_len=16", "global_batch_tokens=64", "--resume")
     with pytest.raises(ResumeError, match="model_config.router_aux_loss_coef: 0.01 in the checkpoint, 0.1 now"):
         run_in_process(model_path, run_dir, "model_overrides.router_aux_loss_coef=0.1", "--resume")
+    # A source added on resume, even allowed, is refused before the build (it crashed inside datasets' stream
+    # restore with an IndexError).
+    extra = ("data.sources.extra={path: json, weight: 0.25, data_files: {train: " + str(REPO_ROOT / "data/mix/web/"
+             "train-*.jsonl.gz") + "}, validation_split: null}")
+    with pytest.raises(ResumeError, match="data source 'extra' added on resume; the checkpoint's data position"):
+        run_in_process(model_path, run_dir, extra, "--resume", "--allow-change", "data.sources", "--allow-change",
+                       "data_files")
     with pytest.raises(ResumeError, match=r"max_steps=30 is below the step of .*checkpoint-40 \(40\)"):
         run_in_process(model_path, run_dir, "max_steps=30", "--resume")
     assert (run_dir / "pretrain_config.yaml").read_text() == saved_config
