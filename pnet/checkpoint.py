@@ -51,9 +51,40 @@ def checkpoint_tmp_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}.tmp"
 
 
+# In a folder that a command writes beside its final name (`OUT_DIR.tmp`): the mark that an interrupted run left it,
+# so a new run may delete it. Any other `OUT_DIR.tmp` may hold the user's files (or the command's input).
+PARTIAL_MARKER = ".pnet-partial"
+
+
+def check_new_folder(out_dir: Path, overwrite: bool) -> None:
+    """Before any work, for a command that writes ``out_dir`` whole (as ``OUT_DIR.tmp``, then renamed): it is a folder
+    or absent, empty unless ``overwrite``, and an existing ``OUT_DIR.tmp`` was left by an interrupted pnet run."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; allowed: a folder to write (absent, empty, or any with --overwrite)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists() and not (tmp / PARTIAL_MARKER).is_file():
+        raise FileExistsError(f"{tmp} exists and was not left by an interrupted pnet run: {out_dir.name} is written "
+                              "there before it is renamed, which would delete it; move it away")
+
+
+def new_partial_dir(out_dir: Path) -> Path:
+    """``OUT_DIR.tmp``, empty and marked (`PARTIAL_MARKER`): the one left by an interrupted run is replaced, any
+    other refused (`check_new_folder`)."""
+    check_new_folder(out_dir, overwrite=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted run
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).touch()
+    return tmp
+
+
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Replace folder ``final`` by ``tmp``, a finished folder written beside it, with one rename: readers find the
     previous folder or the complete new one, never a half-written one."""
+    (Path(tmp) / PARTIAL_MARKER).unlink(missing_ok=True)
     final = Path(final)
     if final.exists():  # e.g. a fresh run over an old output_dir; os.replace cannot overwrite a folder
         shutil.rmtree(final)

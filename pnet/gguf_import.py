@@ -14,8 +14,9 @@ is read.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
+
+from pnet.run_lock import OutputLockedError, OutputNotWritableError, exclusive_output
 
 GGUF_ARCHITECTURE = "llama"  # the `general.architecture` this command converts (LLaMA, SmolLM, TinyLlama, ...)
 # The converted folder must give the GGUF-loaded model's logits: same float32 weights, same code, same order of sums.
@@ -57,9 +58,10 @@ def card_text(gguf_file: Path, metadata: dict[str, str], sha256: str, parameters
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Convert ``gguf_file`` into the Hugging Face folder ``out_dir``; returns a summary (parameters, the logit
     check). The file and the output folder are checked before any weight is read."""
+    from pnet.checkpoint import check_new_folder
+
     gguf_file, out_dir = Path(gguf_file).resolve(), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_new_folder(out_dir, overwrite)  # a file, a non-empty folder, an OUT_DIR.tmp that is not pnet's
     if out_dir.resolve() in gguf_file.parents:
         raise FileExistsError(f"{out_dir} holds the input file {gguf_file.name}: write the folder elsewhere")
     metadata = gguf_metadata(gguf_file)
@@ -67,11 +69,18 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
     if architecture != GGUF_ARCHITECTURE:
         raise GGUFImportError(f"{gguf_file}: general.architecture is {architecture!r}; pnet-import-gguf converts "
                               f"{GGUF_ARCHITECTURE!r} models only")
+    # OUT_DIR is replaced whole (written beside, then renamed): its lock is a file beside it, taken (and the folder's
+    # parent created, or refused as not writable) before any weight is read.
+    with exclusive_output(out_dir, lock_path=out_dir.with_name(f".{out_dir.name}.pnet-import-gguf.lock")):
+        return _convert(gguf_file, out_dir, metadata)
+
+
+def _convert(gguf_file: Path, out_dir: Path, metadata: dict) -> dict:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pnet.checkpoint import file_sha256, publish_dir
+    from pnet.checkpoint import file_sha256, new_partial_dir, publish_dir
     from pnet.model_loading import config_keys, prepare_tokenizer_for_model
     from pnet.upcycle import max_logit_difference
 
@@ -98,10 +107,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
     plain.load_state_dict(state_dict, strict=True)
     tokenizer = prepare_tokenizer_for_model(tokenizer, plain.config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
+    tmp = new_partial_dir(out_dir)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     parameters = sum(p.numel() for p in plain.parameters())
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         summary = import_gguf(args.gguf_file, args.out_dir, args.overwrite)
-    except (GGUFImportError, FileExistsError) as error:
+    except (GGUFImportError, FileExistsError, OutputLockedError, OutputNotWritableError) as error:
         parser.error(str(error))
     print(f"{summary['out_dir']}: {summary['name']}, {summary['parameters']:,} parameters, chat template: "
           f"{'yes' if summary['has_chat_template'] else 'no'}; max |logit difference| to the GGUF-loaded model on "

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pnet.checkpoint import file_sha256
+from pnet.checkpoint import check_new_folder, file_sha256, new_partial_dir, publish_dir
 from pnet.run_lock import exclusive_output
 from pnet.run_log import UPCYCLING_FILE
 
@@ -63,8 +62,7 @@ def check_paths(llama: str, out_dir: Path, overwrite: bool) -> None:
     output folder without --overwrite, and an output folder that is, or holds, the dense input."""
     if not Path(llama).expanduser().is_dir() and looks_like_local_path(llama):
         raise FileNotFoundError(f"{llama}: no such folder (expected a dense LLaMA folder or a Hub id owner/name)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_new_folder(out_dir, overwrite)
     source = Path(llama).expanduser()
     if source.is_dir() and out_dir.exists():
         source, target = source.resolve(), out_dir.resolve()
@@ -218,7 +216,6 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pnet.checkpoint import publish_dir
     from pnet.model_loading import prepare_tokenizer_for_model
 
     import torch
@@ -249,9 +246,7 @@ def _upcycle(llama: str, out_dir: Path, num_experts: int, projections: list[str]
         record["max_logit_difference"] = difference = max_logit_difference(dense, model, dense_config.vocab_size)
     tokenizer = prepare_tokenizer_for_model(AutoTokenizer.from_pretrained(llama), model.config)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
+    tmp = new_partial_dir(out_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / UPCYCLING_FILE).write_text(json.dumps(record, indent=2) + "\n")

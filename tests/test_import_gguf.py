@@ -190,3 +190,36 @@ def test_refuses_an_existing_output_and_one_that_holds_the_input(tiny_gguf, tmp_
         main([str(path), str(path.parent), "--overwrite"])
     assert "holds the input file tiny-llama.F32.gguf" in capsys.readouterr().err
     assert path.is_file() and (tmp_path / "hf" / "keep.txt").is_file()
+
+
+def test_an_output_tmp_folder_that_pnet_did_not_leave_is_never_deleted(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """OUT_DIR is written as OUT_DIR.tmp, then renamed. A OUT_DIR.tmp holding the user's notes, or the input file
+    itself, used to be deleted without a word (the input: the command then failed, and the GGUF file was gone)."""
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the output folder was checked")
+
+    path, _ = tiny_gguf
+    inside = tmp_path / "m.tmp" / path.name
+    inside.parent.mkdir()
+    inside.write_bytes(path.read_bytes())
+    (tmp_path / "o.tmp").mkdir()
+    (tmp_path / "o.tmp" / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("x")
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+        for gguf, out, message in ((inside, tmp_path / "m", "m.tmp exists and was not left by an interrupted pnet run"),
+                                   (path, tmp_path / "o", "o.tmp exists and was not left by an interrupted pnet run"),
+                                   (path, tmp_path / "afile", "afile is a file; allowed: a folder to write")):
+            with pytest.raises(SystemExit):
+                main([str(gguf), str(out), "--overwrite"])
+            assert message in capsys.readouterr().err
+    assert inside.is_file() and (tmp_path / "o.tmp" / "notes.txt").read_text() == "precious"
+    # A OUT_DIR.tmp left by an interrupted run (marked) is replaced, and the marker is not published.
+    (tmp_path / "m2.tmp").mkdir()
+    (tmp_path / "m2.tmp" / ".pnet-partial").touch()
+    (tmp_path / "m2.tmp" / "model.safetensors").write_bytes(b"half written")
+    main([str(path), str(tmp_path / "m2")])
+    assert not (tmp_path / "m2.tmp").exists() and (tmp_path / "m2" / "config.json").is_file()
+    assert not (tmp_path / "m2" / ".pnet-partial").exists()
