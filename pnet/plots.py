@@ -76,16 +76,22 @@ def plot_training(log_path: str | os.PathLike, png_path: str | os.PathLike, titl
     plt.close(fig)
 
 
+def _one_point_marker(records: list[dict]) -> dict:
+    """A line through one point draws nothing: mark it (a run with a single logged step)."""
+    return {"marker": "o", "ms": 3} if len(records) == 1 else {}
+
+
 def _plot_losses(ax, train: list[dict], vals: list[dict], evals: list[dict], routed: bool) -> None:
     steps = [r[L.STEP] for r in train]
     lm_curve = routed and lm_loss_is_distinct(train)
     label = "train loss" if lm_curve or not routed else "train loss (LM loss + router losses; LM loss on top of it)"
-    ax.plot(steps, [r[L.LOSS] for r in train], label=label, lw=1)
+    ax.plot(steps, [r[L.LOSS] for r in train], label=label, lw=1, **_one_point_marker(train))
     if lm_curve:
-        ax.plot(steps, [r[L.LM_LOSS] for r in train], "--", label="train LM loss (without router losses)", lw=1)
-    for domain in (vals[0][L.VAL_LOSS] if vals else {}):
-        ax.plot([r[L.STEP] for r in vals], [r[L.VAL_LOSS][domain] for r in vals], "o-", ms=3,
-                label=f"validation LM loss: {domain}")
+        ax.plot(steps, [r[L.LM_LOSS] for r in train], "--", label="train LM loss (without router losses)", lw=1,
+                **_one_point_marker(train))
+    for domain in dict.fromkeys(domain for r in vals for domain in r[L.VAL_LOSS]):  # every domain any record has
+        points = [(r[L.STEP], r[L.VAL_LOSS][domain]) for r in vals if domain in r[L.VAL_LOSS]]
+        ax.plot(*zip(*points), "o-", ms=3, label=f"validation LM loss: {domain}")
     with_eval_loss = [r for r in evals if L.EVAL_LOSS in r]
     if with_eval_loss:
         ax.plot([r[L.STEP] for r in with_eval_loss], [r[L.EVAL_LOSS] for r in with_eval_loss], "o-", ms=3,
@@ -101,12 +107,13 @@ def _plot_router_losses(ax, train: list[dict], router_losses: list[str]) -> None
     lines = []
     if L.AUX_LOSS in router_losses:
         lines += ax.plot(steps, [r[L.AUX_LOSS] for r in train], color="tab:blue", lw=1,
-                         label="aux (load-balancing) loss")
+                         label="aux (load-balancing) loss", **_one_point_marker(train))
         ax.axhline(1.0, color="tab:blue", ls=":", lw=0.8)
         ax.set_ylabel("aux loss (1.0 = uniform routing)")
     if L.Z_LOSS in router_losses:
         z_ax = ax.twinx() if lines else ax
-        lines += z_ax.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss")
+        lines += z_ax.plot(steps, [r[L.Z_LOSS] for r in train], color="tab:red", lw=1, label="z-loss",
+                           **_one_point_marker(train))
         z_ax.set_ylabel("z-loss", color="tab:red")
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
     ax.grid(alpha=0.3)

@@ -47,3 +47,26 @@ def test_training_plot_draws_only_distinct_active_curves(tmp_path, drawn, gap, c
     assert ("train LM loss (without router losses)" in drawn) == lm_curve
     assert [label for label in drawn if label in ("aux (load-balancing) loss", "z-loss")] == router_curves
     assert sum(label.startswith("train loss") for label in drawn) == 1
+
+
+def test_one_logged_step_is_marked_and_validation_domains_may_differ_between_records(tmp_path, monkeypatch):
+    """A single training record used to draw an invisible one-point line; a validation record without a domain that
+    the first record had raised KeyError after the run had exported final/."""
+    markers = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        markers.update({line.get_label(): (line.get_marker(), len(line.get_xdata())) for ax in fig.axes
+                        for line in ax.get_lines() if not line.get_label().startswith("_")})
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    rows = [{L.STEP: 4, L.LOSS: 9.0, L.LM_LOSS: 8.99, L.AUX_LOSS: 1.0, L.Z_LOSS: 2.0},
+            {L.STEP: 4, L.VAL_LOSS: {"web": 9.1, "arxiv": 9.3}}, {L.STEP: 8, L.VAL_LOSS: {"web": 8.9}},
+            {L.STEP: 12, L.VAL_LOSS: {"web": 8.7, "wikipedia": 8.8}}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_training(tmp_path / "log.jsonl", tmp_path / "training.png")
+    [train_loss] = [value for label, value in markers.items() if label.startswith("train loss")]
+    assert train_loss == ("o", 1) and markers["aux (load-balancing) loss"] == ("o", 1)
+    assert {label: n for label, (_, n) in markers.items() if label.startswith("validation")} == {
+        "validation LM loss: web": 3, "validation LM loss: arxiv": 1, "validation LM loss: wikipedia": 1}
