@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 
 from pnet import finetune, pretrain
 from pnet import run_log as L
-from pnet.checkpoint import list_checkpoints, write_json_atomic
+from pnet.checkpoint import flatten, list_checkpoints, write_json_atomic
 from pnet.config import (
     ConfigError,
     ConfigModel,
@@ -334,6 +334,25 @@ def run_sst2(config: FinetuneSst2Config) -> None:
     finetune.train(config, resume=bool(list_checkpoints(finetune.output_dir_of(config))))
 
 
+# Settings of a finished row that may differ when the runner is run again (they change no figure of the report).
+FREE_ON_RERUN = ("cpu_threads", "tensorboard", "keep_last", "log_every")
+
+
+def check_finished_stage(run_dir: Path, stage: str, saved: Any, now: Any) -> None:
+    """A stage that finished earlier is skipped only with the settings it ran with: the report would otherwise state
+    today's settings beside figures made with others. State files written before this check saved none: skipped."""
+    if saved is None:
+        return
+    now = json.loads(json.dumps(now))  # as the state file holds it (tuples become lists)
+    old, new = (flatten(v) if isinstance(v, dict) else {"command": v} for v in (saved, now))
+    differences = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key) and key.split(".")[0] not in FREE_ON_RERUN}
+    if differences:
+        lines = "\n".join(f"  {key}: {a!r} there, {b!r} now" for key, (a, b) in differences.items())
+        raise ConfigError(f"{run_dir}: its {stage} finished earlier with other settings:\n{lines}\nRemove that row's "
+                          "folder to run it again with these, or choose another output_root")
+
+
 def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     """Pretrain, evaluate and (optionally) fine-tune one row, skipping the stages already done."""
     from pnet_eval.perplexity import evaluate_perplexity
@@ -346,7 +365,11 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
         model = derive_model(json.load(f), row, config.moe)
     state = read_state(run_dir)
 
+    def pretrain_settings() -> dict[str, Any]:  # (the pretraining config checks that the model file exists)
+        return {"model": model, "pretrain": config.pretrain_config(str(model_path), str(run_dir)).to_dict()}
+
     if "pretrain" in state["done"]:
+        check_finished_stage(run_dir, "pretraining", state.get("settings", {}).get("pretrain"), pretrain_settings())
         print(f"[{row.name}] pretraining finished earlier: skipped", flush=True)
     else:
         checkpoints = list_checkpoints(run_dir)
@@ -360,6 +383,7 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
         state["pretrain_config"] = config.pretrain_config(str(model_path), str(run_dir)).to_dict()
         run_pretraining(config, model_path, run_dir, resume=bool(checkpoints))
         state["done"].append("pretrain")
+        state.setdefault("settings", {})["pretrain"] = pretrain_settings()
         write_json_atomic(run_dir / STATE_FILE, state)
 
     final = run_dir / "final"
@@ -376,11 +400,13 @@ def run_row(config: ReplicateConfig, row: RowConfig) -> None:
     }
     for name, command in evaluation_stages(config, final):
         if name in state["done"]:
+            check_finished_stage(run_dir, name, state.get("settings", {}).get(name), command)
             print(f"[{row.name}] {name} finished earlier: skipped", flush=True)
             continue
         print("$ " + shlex.join(command), flush=True)
         runners[name]()
         state["done"].append(name)
+        state.setdefault("settings", {})[name] = command
         write_json_atomic(run_dir / STATE_FILE, state)
 
 

@@ -5,6 +5,7 @@ will get) are raised before anything runs."""
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -125,6 +126,15 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path):
     loaded = runner.load_replicate_config(config, ["pretrain_overrides.lr=0.01"])
     with pytest.raises(ResumeError, match="lr: 0.003 in the checkpoint, 0.01 now"):
         runner.run_row(loaded, loaded.rows[4])
+
+    # Nor are finished stages skipped under other settings (the report stated the new ones beside the old figures).
+    dense_row = next(row for row in loaded.rows if row.name == "dense")
+    for override, message in (("pretrain_overrides.max_steps=8", "its pretraining finished earlier with other "
+                                                                   "settings:\n  pretrain.max_steps: 6 there, 8 now"),
+                              ("zero_shot.limit=8", "its zero_shot finished earlier with other settings:\n  command: ")):
+        changed = runner.load_replicate_config(config, [override])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            runner.run_row(changed, dense_row)
 
 
 def test_config_errors_name_the_bad_value(tmp_path, shared_data):  # the config reads ../shared/data
