@@ -59,7 +59,7 @@ from pnet.config import (
     read_yaml,
     yaml_value,
 )
-from pnet.run_lock import exclusive_output
+from pnet.run_lock import check_writable_file, exclusive_output
 from pnet.training import run_command
 from experiments.table7 import ROW_NAME
 
@@ -642,6 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = config.runs()
     invocation = shlex.join(["python", "scripts/low_flops_trap.py", *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_process))  # inherited by the workers
+    check_writable_file(config.report, "report")
     with exclusive_output(config.output_root):  # one runner per output root
         execute(config, runs, invocation)
         numbers = collect(config, runs)

@@ -61,7 +61,7 @@ from pnet.counting import count_config
 from pnet.llama_counting import DEFAULT_SEQ_LEN
 from pnet.model_loading import check_config_keys, config_class
 from pnet.plots import plot_expert_load_stacked
-from pnet.run_lock import exclusive_output
+from pnet.run_lock import check_writable_file, exclusive_output
 from pnet.training import run_command
 
 PROJECTIONS = ("gate", "up", "down")
@@ -610,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     config = load_replicate_config(args.config, args.overrides)
     rows = select_rows(config, args.rows)
+    check_writable_file(config.report, "report")
     with exclusive_output(config.output_root):  # one runner per output root
         invocation = shlex.join(["python", "scripts/replicate_table7.py", *(argv if argv is not None else sys.argv[1:])])
         torch.set_num_threads(config.threads_per_process)  # the stages that run in this process

@@ -39,7 +39,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 
 from pnet import run_log as L
 from pnet.config import ConfigModel, PretrainConfig, load_config, parse_config, read_yaml, set_dotted
-from pnet.run_lock import exclusive_output
+from pnet.run_lock import check_writable_file, exclusive_output
 from pnet.training import run_command
 
 ARMS = ("dense", "upcycled")
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                       f"precision {config.precision}, lr {config.lr:g}, output {config.output_dir}")
         print("stages: " + ", ".join(plan(study)))
         return None
+    check_writable_file(study.report, "report")
     with exclusive_output(root(study)):  # one runner per output root
         return run(study, command)
 

@@ -103,6 +103,16 @@ def exclusive_output(folder: str | os.PathLike, lock_path: str | os.PathLike | N
         _remove_if_empty(created)
 
 
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a file path that cannot be written: its nearest existing parent must be a writable
+    folder (a runner wrote its report only after hours of training, and then failed)."""
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"{what} {path}: {parent} is not a writable folder; choose a writable path")
+
+
 def _remove_if_empty(created: list[Path]) -> None:
     for path in created:  # deepest first
         try:

@@ -17,6 +17,7 @@ import yaml
 from experiments import table7 as runner
 from pnet.checkpoint import ResumeError
 from pnet.config import ConfigError
+from pnet.run_lock import OutputNotWritableError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs/replicate/table7-cpu.yaml"
@@ -164,6 +165,13 @@ def test_config_errors_name_the_bad_value(tmp_path, shared_data):  # the config 
     # The pretraining config every row gets is checked by pnet.pretrain's own validation, up front.
     with pytest.raises(ConfigError, match=r"warmup_steps=250 must be < max_steps=250"):
         runner.load_replicate_config(CONFIG, ["pretrain_overrides.warmup_steps=250"])
+    # A report path that cannot be written is refused before any row runs (it used to fail after all of them).
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputNotWritableError, match=f"report {tmp_path / 'afile' / 'r.md'}: {tmp_path / 'afile'} "
+                                                     "is not a writable folder"):
+        runner.main(["--config", str(CONFIG), f"report={tmp_path / 'afile' / 'r.md'}",
+                     f"output_root={tmp_path / 'runs'}"])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_rows_differ_only_in_experts(shared_data):  # the config reads ../shared/data
