@@ -85,6 +85,13 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Replace folder ``final`` by ``tmp``, a finished folder written beside it, with one rename: readers find the
     previous folder or the complete new one, never a half-written one."""
     (Path(tmp) / PARTIAL_MARKER).unlink(missing_ok=True)
+    # safetensors writes its files owner-only (0600): give every file the mode the user's umask gives new files, so
+    # that a model published for a team or a service account can be read like the config beside it.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(tmp).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     final = Path(final)
     if final.exists():  # e.g. a fresh run over an old output_dir; os.replace cannot overwrite a folder
         shutil.rmtree(final)

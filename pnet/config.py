@@ -270,6 +270,10 @@ class PretrainConfig(CheckpointedTrainingConfig):
             where = f"init_from {self.init_from!r}"
             if not Path(self.init_from).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.init_from):
                 raise ValueError(f"{where} is neither a folder nor a Hub id")
+            if Path(self.init_from).is_dir() and not (Path(self.init_from) / "config.json").is_file():
+                hint = (" (a checkpoint-N folder is a trainer checkpoint: continue its run with --resume, or start from "
+                        "the run's final/)" if re.fullmatch(r"checkpoint-\d+", Path(self.init_from).name) else "")
+                raise ValueError(f"{where} has no config.json: not a saved model folder{hint}")
             try:
                 values = read_config_dict(self.init_from)
             except OSError as error:

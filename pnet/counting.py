@@ -34,7 +34,7 @@ def load_config_dict(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         try:
             values = json.load(f)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file (a GGUF, weights) too
             raise InvalidConfigError(
                 f"{path!r} is not JSON ({error}); pass a model config .json (configs/models/*.json, "
                 "configs/vision/*.json) or a saved model folder, not a training YAML"

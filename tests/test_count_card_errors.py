@@ -36,11 +36,14 @@ def test_count_refuses_invalid_config(repo_root, tmp_path, capsys, source, key, 
 
 @pytest.mark.parametrize("content,message", [
     ("model_type: llama\nhidden_size: 64\n", "is not JSON"),
+    (b"GGUF\x03\x00\x00\x00\x80\x81 binary", "is not JSON ('utf-8' codec can't decode"),  # the file was not named
     (None, "no config file at"),
 ])
 def test_count_yaml_or_missing_file_is_a_clear_error(tmp_path, capsys, content, message):
     path = tmp_path / "model.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         pnet_count_main([str(path)])

@@ -9,6 +9,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -225,6 +226,8 @@ BAD_SETTINGS = [  # override(s) -> what the error says (key, value, what is allo
     (["data.sources.web.train_skip_docs=100000"],
      r"data.sources.web.train_skip_docs=100000 skips every document of its 'train' split \(\d+\); allowed: < \d+"),
     (["data.tokenizer=no-such-tokenizer"], "data.tokenizer='no-such-tokenizer': no tokenizer could be loaded"),
+    # A trainer checkpoint is not a saved model (it used to read "model_type must be one of ..., got None").
+    (["model=null", "init_from=tests"], "init_from 'tests' has no config.json: not a saved model folder$"),
 ]
 
 
@@ -639,3 +642,11 @@ def test_init_from_a_folder_missing_a_weight_is_refused_before_the_model_is_buil
     with pytest.raises(CheckpointKeysError, match=f"{folder}: its weights do not match its config: missing 1: "
                                                   "model.layers.1.self_attn.q_proj.weight"):
         run_in_process(model_path, tmp_path / "out", "model=null", f"init_from={folder}")
+
+
+def test_init_from_a_trainer_checkpoint_says_what_to_use_instead(tmp_path, model_path, reference_run):
+    with pytest.raises(ConfigError, match=re.escape(f"init_from '{reference_run / 'checkpoint-40'}' has no config.json: "
+                                                    "not a saved model folder (a checkpoint-N folder is a trainer "
+                                                    "checkpoint: continue its run with --resume, or start from the "
+                                                    "run's final/)")):
+        run_in_process(model_path, tmp_path / "out", "model=null", f"init_from={reference_run / 'checkpoint-40'}")

@@ -52,6 +52,10 @@ def test_train_log_checkpoint_export_and_exact_resume(repo_root, recipe_args, tm
     assert sorted(p for p in os.listdir(run) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]  # no .tmp
     final = run / "final"
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_parameternet.py"} <= set(os.listdir(final))
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable as the config beside it (safetensors writes 0600): a model published for a team or a service account
+    assert {oct((final / name).stat().st_mode & 0o777) for name in os.listdir(final)} == {oct(0o666 & ~umask)}
     uninterrupted = load_file(run / "checkpoint-6" / "model.safetensors")
 
     # Kill after step 3: drop the later checkpoint and the export, then resume.
