@@ -35,11 +35,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from pnet import run_log as L
 from pnet.config import ConfigModel, PretrainConfig, load_config, parse_config, read_yaml, set_dotted
 from pnet.run_lock import check_writable_file, exclusive_output
+from pnet.upcycle import ARGUMENT_NAMES, check_arguments
+from pnet_eval.zero_shot import TASKS as ZERO_SHOT_TASKS
 from pnet.training import run_command
 
 ARMS = ("dense", "upcycled")
@@ -56,6 +58,12 @@ class UpcycleSettings(ConfigModel):
     """routed projections (gate, up, down)"""
     expert_output_scaling: str = "straight_through"
     """straight_through keeps the dense function at step 0; router_prob is Switch's scaling"""
+
+    @model_validator(mode="after")
+    def _check(self) -> UpcycleSettings:  # pnet-upcycle's own checks, naming these keys (a dry run catches them)
+        check_arguments(self.num_experts, self.projections, self.expert_output_scaling,
+                        names={key: key for key in ARGUMENT_NAMES})
+        return self
 
 
 class EvaluationSettings(ConfigModel):
@@ -79,6 +87,14 @@ class EvaluationSettings(ConfigModel):
     threads: PositiveInt | None = None
     """torch threads of the evaluation processes (null: torch's default)"""
 
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSettings:
+        if not Path(self.heldout).expanduser().is_file():
+            raise ValueError(f"heldout {self.heldout!r}: no such file (relative to {os.getcwd()})")
+        if unknown := [task for task in self.zero_shot_tasks if task not in ZERO_SHOT_TASKS]:
+            raise ValueError(f"zero_shot_tasks: unknown {unknown}; allowed: {sorted(ZERO_SHOT_TASKS)}")
+        return self
+
 
 class UpcycleStudyConfig(ConfigModel):
     """Every setting of the study (``--help`` lists them)."""
@@ -99,6 +115,16 @@ class UpcycleStudyConfig(ConfigModel):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     notes: str = ""
     """markdown for the report's "What this budget can and cannot show" section"""
+
+    @model_validator(mode="after")
+    def _check(self) -> UpcycleStudyConfig:
+        if len(set(self.seeds)) != len(self.seeds):  # each seed's runs would be planned (and written) twice
+            raise ValueError(f"seeds {self.seeds}: allowed: distinct seeds")
+        config = Path(self.dense_model).expanduser() / "config.json"
+        if config.is_file() and (model_type := json.loads(config.read_text()).get("model_type")) != "llama":
+            raise ValueError(f"dense_model {self.dense_model!r} is a {model_type!r} model; allowed: a dense LLaMA "
+                             "('llama') folder, which the study upcycles itself")
+        return self
 
 
 def load_study_config(path: str | os.PathLike, overrides: list[str] = ()) -> UpcycleStudyConfig:

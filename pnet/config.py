@@ -687,7 +687,9 @@ def parse_config(cls: type[ConfigModel], values: dict[str, Any], source: str = "
             key = ".".join(str(part) for part in e["loc"])
             if not key and overridden:  # a rule across keys: the file's values, the command line's, or both
                 return f"{source} with the command-line overrides of {list(overridden)}"
-            from_command_line = key and any(key == o or key.startswith(f"{o}.") for o in overridden)
+            # the key or a section of it was overridden, or (a section's own rule) a key inside it was
+            from_command_line = key and any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.")
+                                            for o in overridden)
             return "command-line override" if from_command_line else source
 
         problems = [(origin(e), _describe_error(cls, e)) for e in error.errors()]

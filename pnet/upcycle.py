@@ -35,18 +35,24 @@ MOE_PROJECTION_NAMES = ("gate", "up", "down")  # as modeling_pnet_llama's config
 EXPERT_OUTPUT_SCALINGS = ("router_prob", "straight_through")
 
 
+# How `check_arguments` names each setting: pnet-upcycle's flags (a config file passes its own key names).
+ARGUMENT_NAMES = {"num_experts": "--num-experts", "projections": "--projections",
+                  "expert_output_scaling": "--expert-output-scaling", "perturb_fraction": "--perturb-fraction"}
+
+
 def check_arguments(num_experts: int, projections: list[str], expert_output_scaling: str,
-                    perturb_fraction: float = 0.0) -> None:
+                    perturb_fraction: float = 0.0, names: dict[str, str] = ARGUMENT_NAMES) -> None:
     if num_experts < 1:
-        raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
+        raise ValueError(f"{names['num_experts']} must be >= 1, got {num_experts}")
     unknown = [p for p in projections if p not in MOE_PROJECTION_NAMES]
     if not projections or unknown or len(set(projections)) != len(projections):
-        raise ValueError(f"--projections must be distinct names from {list(MOE_PROJECTION_NAMES)}, got {projections}")
+        raise ValueError(f"{names['projections']} must be distinct names from {list(MOE_PROJECTION_NAMES)}, got "
+                         f"{projections}")
     if expert_output_scaling not in EXPERT_OUTPUT_SCALINGS:
-        raise ValueError(f"--expert-output-scaling must be one of {list(EXPERT_OUTPUT_SCALINGS)}, "
+        raise ValueError(f"{names['expert_output_scaling']} must be one of {list(EXPERT_OUTPUT_SCALINGS)}, "
                          f"got {expert_output_scaling!r}")
     if not 0.0 <= perturb_fraction <= 1.0:
-        raise ValueError(f"--perturb-fraction must lie in [0, 1], got {perturb_fraction}")
+        raise ValueError(f"{names['perturb_fraction']} must lie in [0, 1], got {perturb_fraction}")
 
 
 def looks_like_local_path(name: str) -> bool:

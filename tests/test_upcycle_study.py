@@ -15,6 +15,7 @@ import torch
 from experiments.upcycle_smollm2 import (final_validation_lines, heldout_subset, load_study_config, main, plan,
                                          pretrain_config)
 from pnet import run_log as L
+from pnet.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs/replicate/upcycle-smollm2.yaml"
@@ -146,3 +147,25 @@ def test_final_validation_table_gives_each_domain_and_the_upcycled_minus_dense_d
     assert lines[7] == "| mean | 2.4250 | 2.4100 | 2.4500 | 2.4600 | -0.0150 | +0.0100 |"
     runs["dense-seed1"]["val_curve"] = []  # a run without validation: no table rather than a partial one
     assert final_validation_lines(runs, [0, 1]) == []
+
+
+@pytest.mark.parametrize("override,message", [
+    # each passed --dry-run ("check every run config") and failed in a stage, or planned every stage twice
+    ("upcycle.projections=[foo]", r"command-line override: upcycle: projections must be distinct names from "
+                                  r"\['gate', 'up', 'down'\], got \['foo'\]"),
+    ("seeds=[0,0]", r"seeds \[0, 0\]: allowed: distinct seeds"),
+    ("evaluation.heldout=/nonexistent/held.jsonl.gz", "heldout '/nonexistent/held.jsonl.gz': no such file"),
+    ("evaluation.zero_shot_tasks=[nope]", r"zero_shot_tasks: unknown \['nope'\]; allowed: \['arc_easy'"),
+])
+def test_study_settings_that_cannot_run_are_refused_with_the_config(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study_config(CONFIG, [override])
+
+
+def test_an_upcycled_folder_is_not_a_dense_model(tiny_llama_dir, tmp_path):
+    routed = tmp_path / "routed"
+    shutil.copytree(tiny_llama_dir, routed)
+    config = json.loads((routed / "config.json").read_text())
+    (routed / "config.json").write_text(json.dumps({**config, "model_type": "pnet_llama"}))
+    with pytest.raises(ConfigError, match=f"dense_model '{routed}' is a 'pnet_llama' model; allowed: a dense LLaMA"):
+        load_study_config(CONFIG, [f"dense_model={routed}"])
