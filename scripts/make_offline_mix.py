@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-doc-chars", type=int, default=30_000, help="skip longer documents")
     parser.add_argument("--train-shards", type=int, default=2)
     args = parser.parse_args(argv)
+    for name in ("train_chars", "validation_chars", "max_doc_chars", "train_shards"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: allowed: an integer >= 1")
 
     summary = {}
     for domain in DOMAINS:
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             records = sample(read_records(str(args.corpus / domain / f"{split}-*.jsonl.gz")), budget,
                              args.max_doc_chars)
             shards = args.train_shards if split == "train" else 1
+            for stale in (args.out / domain).glob(f"{split}-*-of-*.jsonl.gz"):  # an earlier build's shards: the
+                stale.unlink()  # configs' train-*.jsonl.gz glob would read them too (every document twice)
             for shard in range(shards):
                 path = args.out / domain / f"{split}-{shard:05d}-of-{shards:05d}.jsonl.gz"
                 write_jsonl_gz(path, records[shard::shards])

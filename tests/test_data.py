@@ -54,6 +54,12 @@ def test_offline_mix_is_deterministic_and_small(repo_root, shared_data, tmp_path
     assert 0.5e6 < sum(p.stat().st_size for p in bundled) < 5e6
     record = json.loads(gzip.open(bundled[0], "rt").readline())
     assert {"text", "source", "license"} <= set(record)
+    # Rebuilt with fewer shards, the earlier build's shards go (the configs' train-*.jsonl.gz glob read both sets).
+    module.main(["--corpus", str(shared_data / "corpus"), "--out", str(tmp_path), "--train-shards", "1"])
+    assert sorted(p.name for p in (tmp_path / "web").glob("*.jsonl.gz")) == [
+        "train-00000-of-00001.jsonl.gz", "validation-00000-of-00001.jsonl.gz"]
+    with pytest.raises(SystemExit):
+        module.main(["--corpus", str(shared_data / "corpus"), "--out", str(tmp_path), "--train-shards", "0"])
 
 
 def test_packing_joins_documents_with_eos(repo_root, tokenizer):
