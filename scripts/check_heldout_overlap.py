@@ -22,6 +22,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from pnet_eval.perplexity import read_documents
+
 WORD = re.compile(r"\w+")
 
 
@@ -33,15 +35,6 @@ def shingles(tokens: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
-def read_texts(path: Path, text_field: str) -> list[str]:
-    """Documents of a JSON Lines file (one per line) or of a plain-text file (the whole file)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if ".jsonl" in path.suffixes:
-            return [json.loads(line)[text_field] for line in f if line.strip()]
-        return [f.read()]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("heldout", type=Path, help="held-out file (.jsonl[.gz] or plain text)")
@@ -50,8 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--show", type=int, default=10, help="shared shingles listed per n")
     args = parser.parse_args(argv)
+    if min(args.n) < 1 or args.show < 0:
+        parser.error(f"--n {args.n} / --show {args.show}: allowed: shingle sizes >= 1, --show >= 0")
+    try:  # the file rules of pnet-eval --perplexity, which scores the same files
+        texts = read_documents(args.heldout, args.text_field)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
 
-    docs = [words(t) for t in read_texts(args.heldout, args.text_field)]
+    docs = [words(t) for t in texts]
     heldout = {n: [shingles(d, n) for d in docs] for n in args.n}
     wanted = {n: set().union(*per_doc) for n, per_doc in heldout.items()}
     found: dict[int, dict[tuple[str, ...], str]] = {n: {} for n in args.n}
@@ -80,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.n:
         shared_docs = sum(1 for per_doc in heldout[n] if per_doc & found[n].keys())
         total = len(wanted[n])
-        print(f"| {n} | {total} | {len(found[n])} | {len(found[n]) / total:.6f} | {shared_docs} / {len(docs)} |")
+        fraction = f"{len(found[n]) / total:.6f}" if total else "- (no document has n words)"
+        print(f"| {n} | {total} | {len(found[n])} | {fraction} | {shared_docs} / {len(docs)} |")
     for n in args.n:
         if not found[n]:
             continue

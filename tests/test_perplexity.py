@@ -290,3 +290,29 @@ def test_prefix_token_outside_the_vocabulary_fails_before_the_model_loads(prefix
                                          r"allowed: 0 <= id < 32000"):
         perplexity.evaluate_perplexity(str(tiny_pnet_dir), "heldout", prefix_token_id=prefix_token_id,
                                        device="cpu", output_dir=tmp_path)
+
+
+def test_heldout_overlap_script_reads_files_as_pnet_eval_does(repo_root, tmp_path, capsys):
+    """scripts/check_heldout_overlap.py checks the files pnet-eval --perplexity scores: the same reader. Before, a
+    .ndjson counted its JSON keys as words, a short text divided by zero, --n 0 printed nonsense rows, and a missing
+    file was a traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("overlap", repo_root / "scripts/check_heldout_overlap.py")
+    overlap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overlap)
+    corpus = tmp_path / "corpus" / "web"
+    corpus.mkdir(parents=True)
+    with gzip.open(corpus / "train-0.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "the quick brown fox jumps over the lazy dog", "source": "web"}) + "\n")
+    heldout = tmp_path / "h.ndjson"
+    heldout.write_text(json.dumps({"text": "a quick brown fox jumps high"}) + "\n")
+    overlap.main([str(heldout), "--corpus", str(tmp_path / "corpus"), "--n", "3", "50"])
+    out = capsys.readouterr().out
+    assert "h.ndjson: 1 documents, 6 words" in out  # not the keys' words
+    assert "| 3 | 4 | 2 | 0.500000 | 1 / 1 |" in out and "| 50 | 0 | 0 | - (no document has n words) | 0 / 1 |" in out
+    for argv, message in (([str(tmp_path / "nope.txt")], "nope.txt' does not exist"),
+                          ([str(heldout), "--n", "0"], "allowed: shingle sizes >= 1")):
+        with pytest.raises(SystemExit):
+            overlap.main([*argv, "--corpus", str(tmp_path / "corpus")])
+        assert message in capsys.readouterr().err
