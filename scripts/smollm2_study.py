@@ -19,6 +19,7 @@ import json
 import math
 import time
 from importlib import resources
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +115,7 @@ def lora(folder: str, steps: int, lr: float) -> None:
         raise SystemExit("merged model differs from the adapted one")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("perturbation")
@@ -124,7 +125,17 @@ def main() -> None:
     p.add_argument("upcycled")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    folders = [args.dense, *args.upcycled] if args.command == "perturbation" else [args.upcycled]
+    for folder in folders:  # a missing folder was taken for a Hub id ("Repo id must be in the form ...")
+        if not (Path(folder) / "config.json").is_file():
+            parser.error(f"{folder}: not a saved model folder (no config.json)")
+    upcycled = args.upcycled if args.command == "perturbation" else [args.upcycled]
+    for folder in upcycled:
+        if (model_type := json.loads((Path(folder) / "config.json").read_text()).get("model_type")) != "pnet_llama":
+            parser.error(f"{folder}: model_type {model_type!r}; allowed: an upcycled PNet-LLaMA ('pnet_llama') folder")
+    if args.command == "lora" and (args.steps < 1 or not args.lr > 0):
+        parser.error(f"--steps {args.steps} / --lr {args.lr}: allowed: steps >= 1, lr > 0")
     if args.command == "perturbation":
         perturbation(args.dense, args.upcycled)
     else:

@@ -169,3 +169,19 @@ def test_an_upcycled_folder_is_not_a_dense_model(tiny_llama_dir, tmp_path):
     (routed / "config.json").write_text(json.dumps({**config, "model_type": "pnet_llama"}))
     with pytest.raises(ConfigError, match=f"dense_model '{routed}' is a 'pnet_llama' model; allowed: a dense LLaMA"):
         load_study_config(CONFIG, [f"dense_model={routed}"])
+
+
+def test_smollm2_study_script_names_a_folder_it_cannot_use(repo_root, tiny_llama_dir, tmp_path, capsys):
+    """A dense folder for `lora` raised AttributeError ('moe_projections'), --steps -1 a shape error, a missing folder
+    the Hub's 'Repo id must be in the form ...'."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2_study", repo_root / "scripts/smollm2_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for argv, message in ((["lora", str(tiny_llama_dir)], "model_type 'llama'; allowed: an upcycled PNet-LLaMA"),
+                          (["lora", str(tmp_path / "nowhere")], "nowhere: not a saved model folder (no config.json)"),
+                          (["perturbation", str(tiny_llama_dir), str(tiny_llama_dir)], "model_type 'llama'")):
+        with pytest.raises(SystemExit):
+            study.main(argv)
+        assert message in capsys.readouterr().err
