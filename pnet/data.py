@@ -291,9 +291,12 @@ def open_source(name: str, source: SourceConfig, split: str, on_bad_record: str 
             gen_kwargs={"files": source.files(split), "text_field": source.text_field,
                         "on_bad_record": on_bad_record, "where": where})
 
+    # CSV: only an empty cell is a null text, as the up-front check reads it. pandas' defaults also read the words
+    # NA, null, NaN, N/A, ... as null: texts the check passed that the stream then dropped or stopped on.
+    csv_options = {"keep_default_na": False, "na_values": [""]} if source.path == "csv" else {}
     try:  # Hub datasets: the first record shows the columns (an empty split stops here)
         dataset = load_dataset(source.path, name=source.config, data_files=source.data_files, split=split,
-                               streaming=True)
+                               streaming=True, **csv_options)
         first = next(iter(dataset))
     except StopIteration:
         raise ValueError(f"{where} is empty") from None

@@ -21,6 +21,7 @@ from pnet.data import (
     build_validation_sets,
     check_data,
     load_tokenizer,
+    open_source,
 )
 
 DOMAINS = ("web", "wikipedia", "arxiv")
@@ -454,3 +455,17 @@ def test_fewer_validation_sequences_than_processes_is_a_config_error(repo_root, 
     with pytest.raises(ConfigError, match="validation split of 'web': 1 packed sequence\\(s\\) for 2 processes; "
                                           "allowed: data.validation_sequences >= 2"):
         build_validation_sets(config, tokenizer, world_size=2)
+
+
+def test_csv_cells_that_pandas_would_read_as_null_are_text(tmp_path, repo_root, tokenizer):
+    """NA, null, NaN, N/A: text to the up-front check, and now to the stream too (pandas' defaults made them null:
+    the stream stopped on them mid-training, or skipped them uncounted by the check)."""
+    words = ["NA", "null", "NaN", "N/A", "None", "#N/A"]
+    rows = [f"{i},{word}" for i, word in enumerate(words)]
+    (tmp_path / "na.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+    config = single_source(repo_root, tmp_path / "na.csv")
+    config.sources["only"].path = "csv"
+    [check] = check_data(config)
+    assert (check.records, check.bad) == (len(words), 0)
+    records = list(open_source("only", config.sources["only"], "train"))
+    assert [r["text"] for r in records] == words and not any(r["bad"] for r in records)
