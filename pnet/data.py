@@ -198,6 +198,22 @@ def _scan_csv(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]]:
     return scan.result(path)
 
 
+def _scan_text(path: str) -> tuple[int, int, tuple[str, ...]]:
+    """A text file as datasets' text builder reads it: one record per line, decoded strictly (an invalid byte fails
+    the whole file in the stream, so it is an error here whatever on_bad_record says, naming the line)."""
+    scan, number = _Scan(), 0
+    try:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, start=1):
+                if problem := undecodable(line):
+                    raise DataRecordError(f"{path}, line {number}: {problem}. The text reader cannot skip one line "
+                                          "of a file with invalid UTF-8: fix the file")
+                scan.add(f"{path}, line {number}", None)
+    except UNREADABLE as error:
+        raise _unreadable(path, number, error) from None
+    return scan.result(path)
+
+
 def _scan_parquet(path: str, text_field: str) -> tuple[int, int, tuple[str, ...]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -224,7 +240,7 @@ def check_records(name: str, source: SourceConfig, split: str, on_bad_record: st
     checked as they stream). JSON Lines: each line must be a JSON object whose ``text_field`` is a string;
     parquet: each file must have ``text_field`` as a string column, without nulls. With ``on_bad_record`` "error"
     the first bad record raises `DataRecordError` naming file, line and field; with "skip" they are counted."""
-    if source.path not in ("json", "parquet", "csv"):
+    if source.path not in ("json", "parquet", "csv", "text"):
         return None
     files = source.files(split)
     records = bad = 0
@@ -234,6 +250,8 @@ def check_records(name: str, source: SourceConfig, split: str, on_bad_record: st
             n, n_bad, found = _scan_jsonl(path, os.path.getmtime(path), source.text_field)
         elif source.path == "csv":
             n, n_bad, found = _scan_csv(path, source.text_field)
+        elif source.path == "text":
+            n, n_bad, found = _scan_text(path)
         else:
             n, n_bad, found = _scan_parquet(path, source.text_field)
         records, bad = records + n, bad + n_bad

@@ -160,7 +160,7 @@ def test_unknown_config_keys_are_errors(tmp_path, repo_root, monkeypatch):
     with pytest.raises(ConfigError, match=r"data.sources.web: unknown key\(s\) \['wieght'\] \('wieght' -> did you "
                                           r"mean 'weight'\?\)"):
         load_pretrain_config(tiny, ["data.sources.web.wieght=2"])
-    with pytest.raises(ConfigError, match=r"tiny-cpu.yaml: unknown key\(s\) \['nosuch'\]"):
+    with pytest.raises(ConfigError, match=r"command-line override: unknown key\(s\) \['nosuch'\]"):  # not the file's
         load_pretrain_config(tiny, ["nosuch.x=1"])
     with pytest.raises(ConfigError, match="data.stopping_strategy='sometimes': Input should be 'first_exhausted', "
                                           "'all_exhausted' or 'all_exhausted_without_replacement'"):
@@ -469,3 +469,18 @@ def test_csv_cells_that_pandas_would_read_as_null_are_text(tmp_path, repo_root, 
     assert (check.records, check.bad) == (len(words), 0)
     records = list(open_source("only", config.sources["only"], "train"))
     assert [r["text"] for r in records] == words and not any(r["bad"] for r in records)
+
+
+def test_a_text_source_is_checked_before_anything_is_built(tmp_path, repo_root):
+    """`path: text` was never checked: an invalid byte failed the stream with a bare UnicodeDecodeError."""
+    (tmp_path / "good.txt").write_text("hello\nworld\n")
+    (tmp_path / "bad.txt").write_bytes(b"hello\nbad \xff byte\n")
+    config = single_source(repo_root, tmp_path / "good.txt")
+    config.sources["only"].path = "text"
+    [check] = check_data(config)
+    assert (check.records, check.bad) == (2, 0)
+    config.sources["only"].data_files = {"train": str(tmp_path / "bad.txt")}
+    for on_bad_record in ("error", "skip"):
+        config.on_bad_record = on_bad_record
+        with pytest.raises(DataRecordError, match=f"{tmp_path / 'bad.txt'}, line 2: invalid UTF-8 byte 0xff"):
+            check_data(config)
