@@ -46,7 +46,7 @@ import yaml
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from pnet.checkpoint import flatten, list_checkpoints, read_json, write_json_atomic
+from pnet.checkpoint import flatten, list_checkpoints, read_json, setting_differences, write_json_atomic
 from pnet.config import (
     ConfigError,
     ConfigModel,
@@ -171,10 +171,7 @@ def load_trap_config(path: str | os.PathLike, overrides: list[str] = ()) -> LowF
 def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
     """Settings that differ between a run's saved config and this one, ignoring the keys that may change on
     resume without changing what the run computes (logging, checkpointing, threads); the step budget counts."""
-    free = [key for key in VisionTrainConfig.free_on_resume if key != "max_steps"]
-    old, new = flatten(saved), flatten(now)
-    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not any(key == f or key.startswith(f"{f}.") for f in free)}
+    return setting_differences(saved, now, free=[key for key in VisionTrainConfig.free_on_resume if key != "max_steps"])
 
 
 def run_status(run: Run) -> str:

@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 
 from pnet import finetune, pretrain
 from pnet import run_log as L
-from pnet.checkpoint import flatten, list_checkpoints, write_json_atomic
+from pnet.checkpoint import list_checkpoints, setting_differences, write_json_atomic
 from pnet.config import (
     ConfigError,
     ConfigModel,
@@ -344,9 +344,8 @@ def check_finished_stage(run_dir: Path, stage: str, saved: Any, now: Any) -> Non
     if saved is None:
         return
     now = json.loads(json.dumps(now))  # as the state file holds it (tuples become lists)
-    old, new = (flatten(v) if isinstance(v, dict) else {"command": v} for v in (saved, now))
-    differences = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-                   if old.get(key) != new.get(key) and key.split(".")[0] not in FREE_ON_RERUN}
+    old, new = (v if isinstance(v, dict) else {"command": v} for v in (saved, now))
+    differences = setting_differences(old, new, free=FREE_ON_RERUN)
     if differences:
         lines = "\n".join(f"  {key}: {a!r} there, {b!r} now" for key, (a, b) in differences.items())
         raise ConfigError(f"{run_dir}: its {stage} finished earlier with other settings:\n{lines}\nRemove that row's "

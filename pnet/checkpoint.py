@@ -251,6 +251,14 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def setting_differences(saved: dict[str, Any], now: dict[str, Any], free: Iterable[str] = ()) -> dict[str, list[Any]]:
+    """``{dotted key: [saved, now]}`` of the settings that differ (nested dicts compared flattened), apart from the
+    keys in ``free`` and those below them."""
+    old, new = flatten(saved), flatten(now)
+    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not any(key == f or key.startswith(f"{f}.") for f in free)}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()

@@ -76,7 +76,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fa
 
 
 def _convert(gguf_file: Path, out_dir: Path, metadata: dict) -> dict:
-
+    """Load, check, write beside OUT_DIR and publish (the checks of `import_gguf` done, OUT_DIR locked)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
